@@ -1,0 +1,174 @@
+"""CPU kernels: BLAS (through NumPy) for the matmuls, Numba for the fused element-wise loops.
+
+Every function here takes and returns plain arrays; the autograd in ``minitorch_peft`` calls them and
+never touches the arithmetic itself. ``kernels.gpu`` mirrors this module name for name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+xp = np
+
+
+# --------------------------------------------------------------------------------------------- linear
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """y = x @ w.T + b, for x of shape (..., in) and w of shape (out, in)."""
+    y = x @ w.T
+    if b is not None:
+        y += b  # in place: y is ours, and this saves a (batch, out) temporary
+    return y
+
+
+def linear_backward(
+    g: np.ndarray,
+    x: np.ndarray,
+    w: np.ndarray,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """dx = g @ w, dw = g.T @ x, db = sum_batch g; each computed only when asked for.
+
+    Skipping dw is what makes a frozen base layer cheap; skipping dx is what makes the first layer
+    of a network cheap (its input is data).
+    """
+    gx = g @ w if need_x else None
+    if need_w or need_b:
+        g2 = g.reshape(-1, g.shape[-1])
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
+        gb = g2.sum(axis=0) if need_b else None
+    else:
+        gw = gb = None
+    return gx, gw, gb
+
+
+# --------------------------------------------------------------------------------------------- relu
+
+
+def relu_forward(x: np.ndarray) -> np.ndarray:
+    """y = max(x, 0)."""
+    return np.maximum(x, 0)
+
+
+def relu_backward(g: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """dx = g * [y > 0]."""
+    return g * (y > 0)
+
+
+# ------------------------------------------------------------------------------------ cross-entropy
+
+
+def cross_entropy_forward(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """loss = mean_i (logsumexp(z_i) - z_i[label_i]); also returns softmax(z) for the backward."""
+    z = logits - logits.max(axis=1, keepdims=True)  # shift for stability: exp never overflows
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    rows = np.arange(z.shape[0])
+    loss = float(np.mean(np.log(s[:, 0]) - z[rows, labels]))
+    e /= s
+    return loss, e
+
+
+def cross_entropy_backward(g: float, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """dz = g * (softmax(z) - onehot(label)) / N."""
+    n = probs.shape[0]
+    d = probs * (g / n)  # a fresh array: probs may be saved elsewhere
+    d[np.arange(n), labels] -= g / n
+    return d
+
+
+# ------------------------------------------------------------------------------------ misc helpers
+
+
+def index_add(target: np.ndarray, index: object, values: np.ndarray) -> np.ndarray:
+    """target[index] += values, accumulating over repeated indices (the backward of indexing)."""
+    np.add.at(target, index, values)
+    return target
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
+    """mask = Bernoulli(1 - p) / (1 - p), so E[x * mask] = x (inverted dropout)."""
+    keep = rng.random(shape, dtype=np.float32) >= p
+    return keep.astype(dtype) * dtype.type(1.0 / (1.0 - p))
+
+
+def to_numpy(a: np.ndarray) -> np.ndarray:
+    """The array itself: already on the host."""
+    return a
+
+
+# -------------------------------------------------------------------------------------- optimizers
+
+
+# error_model="numpy": no Python ZeroDivisionError checks inside the loop, which lets LLVM vectorise it
+@njit(cache=True, nogil=True, error_model="numpy")
+def _adam_kernel(p, g, m, v, step_size, beta1, beta2, eps, bc2_sqrt, decay):  # pragma: no cover - JIT
+    for i in range(p.size):
+        gi = g[i]
+        mi = beta1 * m[i] + (1 - beta1) * gi
+        vi = beta2 * v[i] + (1 - beta2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
+
+
+def adam_step(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    weight_decay: float = 0.0,
+    decoupled: bool = True,
+) -> None:
+    """In place: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr/bc1 * m / (sqrt(v/bc2) + eps).
+
+    One pass over memory and no allocation. ``decoupled`` weight decay (AdamW) scales p by
+    (1 - lr*wd) first; coupled (classic Adam L2) adds wd*p to the gradient, which needs a temporary.
+    """
+    t = p.dtype.type
+    if weight_decay and not decoupled:
+        g = g + weight_decay * p
+    decay = 1.0 - lr * weight_decay if (weight_decay and decoupled) else 1.0
+    _adam_kernel(
+        p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+        t(lr / (1.0 - beta1**step)), t(beta1), t(beta2), t(eps), t(math.sqrt(1.0 - beta2**step)), t(decay),
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sgd_kernel(p, g, buf, lr, momentum, weight_decay, first):  # pragma: no cover - JIT
+    for i in range(p.size):
+        gi = g[i] + weight_decay * p[i]
+        if momentum != 0:
+            bi = gi if first else momentum * buf[i] + gi
+            buf[i] = bi
+            gi = bi
+        p[i] -= lr * gi
+
+
+def sgd_step(
+    p: np.ndarray,
+    g: np.ndarray,
+    buf: np.ndarray | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    first: bool,
+) -> None:
+    """In place: g' = g + wd p; buf = mu buf + g' (buf = g' on the first step); p -= lr * buf."""
+    t = p.dtype.type
+    b = buf.reshape(-1) if buf is not None else p.reshape(-1)[:0]
+    _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first)
