@@ -1,0 +1,63 @@
+"""Reader for IDX files (the MNIST container format), gzipped or raw."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+GZIP_MAGIC = b"\x1f\x8b"
+UBYTE = 0x08  # IDX type code for unsigned bytes; the only one MNIST-like files use
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+
+_FIX = "delete or replace it (a fresh copy is fetched into the cache when missing)"
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file into a writable uint8 array shaped as its header says."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    # Decide by content, not by name: a '.gz' may have been unpacked in place and vice versa.
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({e}); {_FIX}") from e
+    return parse_idx(data, str(path))
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode the bytes of an unsigned-byte IDX file, checking magic, dims and exact length."""
+    if len(data) < 4:
+        raise DataError(f"{name}: only {len(data)} bytes, too short for an IDX header; {_FIX}")
+    magic = int.from_bytes(data[:4], "big")
+    ndim = data[3]
+    if data[:2] != b"\0\0" or data[2] != UBYTE or ndim == 0:
+        raise DataError(
+            f"{name}: bad IDX magic 0x{magic:08x} (expected 0x000008NN with NN >= 1, "
+            f"e.g. 0x{IMAGES_MAGIC:08x} images, 0x{LABELS_MAGIC:08x} labels); {_FIX}"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name}: header truncated ({len(data)} of {header} bytes); {_FIX}")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    need = math.prod(dims)  # Python int: no overflow on absurd headers
+    have = len(data) - header
+    if have != need:
+        raise DataError(
+            f"{name}: payload is {have} bytes but dims {dims} need {need} "
+            f"({'truncated' if have < need else 'trailing bytes'}); {_FIX}"
+        )
+    # Copy so callers get an ordinary writable array, not a view of an immutable bytes object.
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
