@@ -48,6 +48,52 @@ def linear_backward(
     return gx, gw, gb
 
 
+# ------------------------------------------------------------------------------------------- lora
+
+
+def lora_forward(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, a: np.ndarray, bm: np.ndarray, scaling: float,
+    xd: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """y = x @ W.T + b + s * (xd @ A.T) @ B.T, with xd = dropout(x) (or x); also returns u = s * xd @ A.T.
+
+    The rank-r product ``u`` is all the backward needs besides x: the (out x in) update s*B@A is never
+    formed, and the scaling is folded into the thin (batch x r) matrix where it is cheapest.
+    """
+    y = linear_forward(x, w, b)
+    u = (x if xd is None else xd) @ a.T
+    u *= scaling
+    y += u @ bm.T
+    return y, u
+
+
+def lora_backward(
+    g: np.ndarray, x: np.ndarray, w: np.ndarray, a: np.ndarray, bm: np.ndarray, u: np.ndarray, scaling: float,
+    need: tuple[bool, bool, bool, bool, bool], xd: np.ndarray | None = None, mask: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, ...]:
+    """Gradients of lora_forward for (x, W, b, A, B), each only if ``need`` says so.
+
+    dB = g.T @ u;  dA = s (g @ B).T @ xd;  dx = g @ W + s (g @ B) @ A [* mask];  dW = g.T @ x;  db = sum g.
+    """
+    need_x, need_w, need_b, need_a, need_bm = need
+    g2 = g.reshape(-1, g.shape[-1])
+    gbm = g2.T @ u.reshape(-1, u.shape[-1]) if need_bm else None
+    gu = None
+    if need_a or need_x:
+        gu = g @ bm  # (batch, r)
+        gu *= scaling
+    ga = gu.reshape(-1, gu.shape[-1]).T @ (x if xd is None else xd).reshape(-1, x.shape[-1]) if need_a else None
+    gx = None
+    if need_x:
+        lora_part = gu @ a
+        if mask is not None:
+            lora_part *= mask
+        gx = g @ w
+        gx += lora_part
+    _, gw, gb = linear_backward(g, x, w, False, need_w, need_b)
+    return gx, gw, gb, ga, gbm
+
+
 # --------------------------------------------------------------------------------------------- relu
 
 

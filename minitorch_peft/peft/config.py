@@ -1,0 +1,66 @@
+"""LoraConfig: the settings of one adapter, validated where they are made (Hugging Face PEFT's names)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+INITS = ("kaiming", "gaussian")
+
+
+class AdapterError(ValueError):
+    """An adapter setting, target or file that cannot work; the message names the problem."""
+
+
+@dataclass
+class LoraConfig:
+    """One adapter: rank ``r``, ``lora_alpha``, dropout, rsLoRA/DoRA switches and the modules it targets."""
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: str = "kaiming"
+    target_modules: list[str] | str = field(default_factory=lambda: ["fc1", "fc2", "fc3"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise AdapterError(f"rank r must be an integer >= 1, got {self.r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise AdapterError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise AdapterError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init_lora_weights not in INITS:
+            raise AdapterError(f"init_lora_weights must be one of {', '.join(INITS)}, got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules:
+                raise AdapterError("target_modules is empty")
+        elif self.target_modules != "all-linear":
+            raise AdapterError(f"target_modules must be a list of names or 'all-linear', got {self.target_modules!r}")
+        self.lora_alpha = float(self.lora_alpha)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (which keeps the update's scale stable as r grows)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def check_fits(self, name: str, in_features: int, out_features: int) -> None:
+        """A rank above min(in, out) adds parameters without adding expressive power: refuse it."""
+        if self.r > min(in_features, out_features):
+            raise AdapterError(
+                f"rank r={self.r} is larger than min(in, out) = {min(in_features, out_features)} of module {name!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise AdapterError(f"bad adapter config: {e}") from None
