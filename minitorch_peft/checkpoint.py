@@ -1,0 +1,115 @@
+"""A saved model is a folder: ``config.json`` + ``base.npz`` (frozen base) + ``adapters.npz`` (small).
+
+Keeping the adapters in their own file means a fine-tune ships as a few kilobytes beside a base that
+never changes. The folder is written whole or not at all (``atomic_directory``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .backend import Backend
+from .nn.layers import MLP
+from .nn.module import Module, StateDictError
+from .peft.config import AdapterError, LoraConfig
+from .peft.model import add_adapter, inject_adapters, lora_layers, set_adapter
+from .serialize import CheckpointError, atomic_directory, load_json, load_npz, save_json, save_npz
+
+FORMAT = "minitorch_peft"
+VERSION = 1
+ADAPTER_KEYS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
+
+
+def is_adapter_key(key: str) -> bool:
+    return any(k in key for k in ADAPTER_KEYS)
+
+
+def model_config(model: MLP) -> dict[str, Any]:
+    """Everything needed to rebuild ``model``'s structure (not its values)."""
+    layers = list(lora_layers(model))
+    config: dict[str, Any] = {"format": FORMAT, "version": VERSION, "architecture": {"type": "MLP", "dims": model.dims}}
+    if layers:
+        adapters: dict[str, Any] = {}
+        for name, layer in layers:
+            for adapter, cfg in layer.configs.items():
+                entry = adapters.setdefault(adapter, {**cfg.to_dict(), "target_modules": []})
+                entry["target_modules"].append(name)
+        config["adapters"] = adapters
+        config["active_adapter"] = layers[0][1].active_adapter
+        quant = getattr(layers[0][1], "quant_config", None)
+        config["quantization"] = quant() if callable(quant) else None
+    return config
+
+
+def save_model(model: MLP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the folder ``path`` atomically: the previous checkpoint there survives any failure."""
+    path = Path(path)
+    state = model.state_dict()
+    config = {**model_config(model), **(extra or {})}
+    with atomic_directory(path) as tmp:
+        save_npz(tmp / "base.npz", {k: v for k, v in state.items() if not is_adapter_key(k)})
+        adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
+        if adapters:
+            save_npz(tmp / "adapters.npz", adapters)
+        save_json(tmp / "config.json", config)
+    return path
+
+
+def load_model(path: str | Path, backend: str | Backend = "numpy") -> tuple[MLP, dict[str, Any]]:
+    """Rebuild and fill the model saved in folder ``path``; every problem is one CheckpointError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model folder not found")
+    config = load_json(path / "config.json")
+    model = build_from_config(config, str(path / "config.json"))
+    state = load_npz(path / "base.npz")
+    if "adapters" in config:
+        state.update(load_npz(path / "adapters.npz"))
+    try:
+        model.load_state_dict(state, source=str(path))
+    except StateDictError as e:
+        raise CheckpointError(str(e)) from None
+    return model.to(backend), config
+
+
+def build_from_config(config: Any, source: str) -> MLP:
+    """An MLP of the saved structure (random values), with the saved adapters and quantization."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: not a {FORMAT} model config")
+    if config.get("version") != VERSION:
+        raise CheckpointError(f"{source}: config version {config.get('version')!r}, this build reads {VERSION}")
+    arch = config.get("architecture")
+    dims = arch.get("dims") if isinstance(arch, dict) else None
+    if (not isinstance(dims, list) or len(dims) < 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
+        raise CheckpointError(f"{source}: 'architecture.dims' must be a list of positive integers, got {dims!r}")
+    model = MLP(dims)
+    adapters = config.get("adapters")
+    if adapters is None:
+        return model
+    try:
+        if not isinstance(adapters, dict) or not adapters:
+            raise AdapterError("'adapters' must map adapter names to configs")
+        quant = config.get("quantization") or {}
+        if not isinstance(quant, dict):
+            raise AdapterError("'quantization' must be an object or null")
+        for i, (name, raw) in enumerate(adapters.items()):
+            if not isinstance(raw, dict):
+                raise AdapterError(f"adapter {name!r}: config must be an object")
+            cfg = LoraConfig.from_dict(raw)
+            if i == 0:
+                inject_adapters(model, cfg, adapter_name=name, quantize=quant.get("quant_type"),
+                                double_quant=quant.get("double_quant", True), block_size=quant.get("block_size", 64))
+            else:
+                add_adapter(model, name, cfg)
+        active = config.get("active_adapter") or next(iter(adapters))
+        set_adapter(model, active)
+    except (AdapterError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return model
+
+
+def base_state(model: Module) -> dict[str, Any]:
+    """The state of ``model`` without its adapters."""
+    return {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
