@@ -65,8 +65,10 @@ def train(json_path: str | None, **kwargs: Any) -> None:
     """Fine-tune the 784-512-256-10 MLP with a PEFT method, evaluate each epoch, save the model."""
     from minitorch_peft.train import TrainConfig, train as run
 
+    cfg = TrainConfig(**kwargs)
+    cfg.validate()  # before the banner: a bad flag should print one line and nothing else
     click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
-    metrics = run(TrainConfig(**kwargs), log=click.echo)
+    metrics = run(cfg, log=click.echo)
     _write_json(json_path, metrics)
 
 
