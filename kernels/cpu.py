@@ -110,19 +110,20 @@ def relu_backward(g: np.ndarray, y: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------ cross-entropy
 
 
-def cross_entropy_forward(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """loss = mean_i (logsumexp(z_i) - z_i[label_i]); also returns softmax(z) for the backward."""
+def cross_entropy_forward(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """loss = mean_i (logsumexp(z_i) - z_i[label_i]) as a 0-d array of logits' dtype (never a Python float:
+    on a device that would wait for the GPU every step); also returns softmax(z) for the backward."""
     z = logits - logits.max(axis=1, keepdims=True)  # shift for stability: exp never overflows
     e = np.exp(z)
     s = e.sum(axis=1, keepdims=True)
     rows = np.arange(z.shape[0])
-    loss = float(np.mean(np.log(s[:, 0]) - z[rows, labels]))
+    loss = np.asarray(np.mean(np.log(s[:, 0]) - z[rows, labels]), dtype=logits.dtype)
     e /= s
     return loss, e
 
 
-def cross_entropy_backward(g: float, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """dz = g * (softmax(z) - onehot(label)) / N."""
+def cross_entropy_backward(g: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """dz = g * (softmax(z) - onehot(label)) / N, g the loss's (0-d) gradient."""
     n = probs.shape[0]
     d = probs * (g / n)  # a fresh array: probs may be saved elsewhere
     d[np.arange(n), labels] -= g / n

@@ -20,11 +20,23 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True, eq=False)
 class Backend:
-    """An array module (``xp``) plus the kernels written for it."""
+    """An array module (``xp``) plus the kernels written for it.
+
+    ``astype``, ``permute_dims`` and ``matrix_transpose`` are the array-API functions of those names
+    where ``xp`` has them (NumPy 2, CuPy 14, any strict array-API namespace), else the equivalent
+    NumPy 1 / CuPy 13 spelling; they are bound once here, so the engine's code is written only in
+    array-API names and costs nothing extra on either backend.
+    """
 
     name: str
     xp: ModuleType
     kernels: ModuleType
+
+    def __post_init__(self) -> None:
+        xp, bind = self.xp, object.__setattr__  # frozen dataclass: set the bound helpers once
+        bind(self, "astype", getattr(xp, "astype", None) or _astype_method)
+        bind(self, "permute_dims", getattr(xp, "permute_dims", None) or xp.transpose)
+        bind(self, "matrix_transpose", getattr(xp, "matrix_transpose", None) or (lambda a: xp.swapaxes(a, -1, -2)))
 
     def asarray(self, data: Any, dtype: Any = None) -> Any:
         """Data (host or device) as this backend's array; copies only when it must."""
@@ -36,10 +48,21 @@ class Backend:
 
     def owns(self, a: Any) -> bool:
         """Whether ``a`` is an array of this backend."""
-        return isinstance(a, self.xp.ndarray)
+        array_type = getattr(self.xp, "ndarray", None)
+        if array_type is not None:
+            return isinstance(a, array_type)
+        return _root_module(a) == self.xp.__name__.split(".")[0] and hasattr(a, "shape")
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
+
+
+def _astype_method(a: Any, dtype: Any, copy: bool = True) -> Any:
+    return a.astype(dtype, copy=copy)
+
+
+def _root_module(a: Any) -> str:
+    return type(a).__module__.split(".")[0]
 
 
 _cache: dict[str, Backend] = {}
@@ -84,8 +107,22 @@ def _load_cupy() -> tuple[ModuleType, ModuleType]:
     return cupy, gpu
 
 
+def register_backend(backend: Backend) -> Backend:
+    """Make a backend built outside this module (e.g. over a strict array-API namespace, for tests)
+    reachable by its name and by its arrays (``backend_of``)."""
+    if backend.name in BACKENDS:
+        raise BackendError(f"backend name {backend.name!r} is reserved")
+    _cache[backend.name] = backend
+    return backend
+
+
 def backend_of(array: Any) -> Backend:
     """The backend whose array module made ``array``."""
-    if type(array).__module__.split(".")[0] == "cupy":
+    root = _root_module(array)
+    if root == "cupy":
         return get_backend("cupy")
+    if root != "numpy":
+        for be in _cache.values():
+            if be.name not in BACKENDS and be.owns(array):
+                return be
     return get_backend("numpy")

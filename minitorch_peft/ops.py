@@ -187,12 +187,11 @@ class Cast(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, dtype: Any) -> Any:
         ctx.dtype = a.dtype
-        return ctx.backend.xp.astype(a, dtype) if hasattr(ctx.backend.xp, "astype") else a.astype(dtype)
+        return ctx.backend.astype(a, dtype)
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple[Any]:
-        xp = ctx.backend.xp
-        return (xp.astype(g, ctx.dtype) if hasattr(xp, "astype") else g.astype(ctx.dtype),)
+        return (ctx.backend.astype(g, ctx.dtype),)
 
 
 # ------------------------------------------------------------------------------- linear algebra
@@ -208,22 +207,23 @@ class MatMul(Function):
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple[Any, Any]:
-        xp, (a, b) = ctx.backend.xp, ctx.saved
+        be, (a, b) = ctx.backend, ctx.saved
+        xp, mT = be.xp, be.matrix_transpose
         da = db = None
         # 1-D operands are promoted to matrices by matmul; do the same so the transposes make sense
-        a2 = a[None, :] if a.ndim == 1 else a
-        b2 = b[:, None] if b.ndim == 1 else b
+        a2 = xp.expand_dims(a, axis=0) if a.ndim == 1 else a
+        b2 = xp.expand_dims(b, axis=-1) if b.ndim == 1 else b
         g2 = g
         if a.ndim == 1:
             g2 = xp.expand_dims(g2, axis=-2)
         if b.ndim == 1:
             g2 = xp.expand_dims(g2, axis=-1)
         if ctx.needs_input_grad[0]:
-            da = xp.matmul(g2, xp.swapaxes(b2, -1, -2))
-            da = unbroadcast(xp, da, a2.shape).reshape(a.shape)
+            da = xp.matmul(g2, mT(b2))
+            da = xp.reshape(unbroadcast(xp, da, a2.shape), a.shape)
         if ctx.needs_input_grad[1]:
-            db = xp.matmul(xp.swapaxes(a2, -1, -2), g2)
-            db = unbroadcast(xp, db, b2.shape).reshape(b.shape)
+            db = xp.matmul(mT(a2), g2)
+            db = xp.reshape(unbroadcast(xp, db, b2.shape), b.shape)
         return da, db
 
 
@@ -290,10 +290,10 @@ class Max(Function):
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple[Any]:
         xp, (a, out) = ctx.backend.xp, ctx.saved
-        mask = a == out
+        mask = ctx.backend.astype(a == out, a.dtype)
         mask = mask / xp.sum(mask, axis=ctx.axis, keepdims=True)
         g = _expand_reduced(xp, g, a.shape, ctx.axis, ctx.keepdims)
-        return ((g * mask).astype(a.dtype, copy=False),)
+        return (g * mask,)
 
 
 def _reduced_shape(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
@@ -324,11 +324,11 @@ class Transpose(Function):
     def forward(ctx: Context, a: Any, axes: tuple[int, ...] | None = None) -> Any:
         axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(axes)
         ctx.axes = axes
-        return ctx.backend.xp.transpose(a, axes)
+        return ctx.backend.permute_dims(a, axes)
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple[Any]:
-        return (ctx.backend.xp.transpose(g, tuple(np.argsort(ctx.axes))),)
+        return (ctx.backend.permute_dims(g, tuple(int(i) for i in np.argsort(ctx.axes))),)
 
 
 class GetItem(Function):

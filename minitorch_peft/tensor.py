@@ -274,14 +274,26 @@ class Tensor:
         return _ops.LogSoftmax.apply(self, axis=axis)
 
 
-def _is_float_array(data: Any) -> bool:
+def _dtype_kind(data: Any) -> str:
+    """NumPy's one-letter kind of ``data``'s dtype ("f", "i", ...), "" for data without a dtype."""
     dtype = getattr(data, "dtype", None)
-    return dtype is not None and np.dtype(dtype).kind == "f"
+    if dtype is None:
+        return ""
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:  # a dtype object NumPy cannot read (another array-API library's): ask that library
+        xp = data.__array_namespace__()
+        kinds = (("f", "real floating"), ("i", "signed integer"), ("u", "unsigned integer"), ("b", "bool"))
+        return next((k for k, name in kinds if xp.isdtype(dtype, name)), "?")
+
+
+def _is_float_array(data: Any) -> bool:
+    return _dtype_kind(data) == "f"
 
 
 def _is_int_array(data: Any) -> bool:
-    dtype = getattr(data, "dtype", None)
-    return dtype is not None and np.dtype(dtype).kind in "iub"
+    kind = _dtype_kind(data)
+    return kind != "" and kind in "iub"
 
 
 def tensor(data: Any, requires_grad: bool = False, backend: str | Backend | None = None, dtype: Any = None) -> Tensor:

@@ -109,11 +109,13 @@ class LoRALinear(Module):
             raise AdapterError(f"adapter {name!r} already exists in this layer")
         config.check_fits(name, self.in_features, self.out_features)
         be, dtype = self.weight.backend, self.weight.dtype
+        # drawn in float64 on the host and rounded once, by the backend, to the weight's dtype (which may
+        # be a device library's dtype object that NumPy cannot read)
         if config.init_lora_weights == "gaussian":
-            a = generator().normal(0.0, 1.0 / config.r, size=(config.r, self.in_features)).astype(dtype)
+            a = generator().normal(0.0, 1.0 / config.r, size=(config.r, self.in_features))
         else:
-            a = kaiming_uniform((config.r, self.in_features), self.in_features, a=math.sqrt(5), dtype=dtype)
-        self.lora_A[name] = Parameter(be.asarray(a))
+            a = kaiming_uniform((config.r, self.in_features), self.in_features, a=math.sqrt(5), dtype=float)
+        self.lora_A[name] = Parameter(be.asarray(a, dtype=dtype))
         self.lora_B[name] = Parameter(be.xp.zeros((self.out_features, config.r), dtype=dtype))
         self.configs[name] = config
         if config.use_dora:
