@@ -94,6 +94,95 @@ def lora_backward(
     return gx, gw, gb, ga, gbm
 
 
+# ------------------------------------------------------------------------------------------- dora
+
+
+def dora_weight_norm(
+    w: np.ndarray, a: np.ndarray, bm: np.ndarray, scaling: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """n = ||W + s B A|| per output row, without forming the (out x in) matrix; also returns W A^T.
+
+    ||W_o + s B_o A||^2 = ||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T: beyond one pass over
+    W, only the thin (out x r) W A^T and the (r x r) Gram matrix A A^T are needed. With B = 0 this is
+    exactly sqrt(||W_o||^2), which is how the magnitude is initialised, so a new adapter changes nothing.
+    """
+    wa = w @ a.T
+    bg = bm @ (a @ a.T)
+    sq = np.einsum("ij,ij->i", w, w)  # einsum: a row-wise dot without a (out x in) temporary
+    sq += (2.0 * scaling) * np.einsum("ij,ij->i", bm, wa)
+    sq += (scaling * scaling) * np.einsum("ij,ij->i", bm, bg)
+    np.maximum(sq, np.finfo(sq.dtype).tiny, out=sq)  # a zero row would divide by zero below
+    return np.sqrt(sq), wa
+
+
+def dora_forward(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, a: np.ndarray, bm: np.ndarray, mag: np.ndarray,
+    scaling: float, xd: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """y = (m / n) * (x W^T + s (xd A^T) B^T) + b with n = ||W + s B A|| per output row.
+
+    Returns y and what the backward needs: z = x W^T + s (xd A^T) B^T, u = s xd A^T, n and W A^T.
+    x W^T is the one big matmul, shared with the base layer's own output.
+    """
+    z = x @ w.T
+    u = (x if xd is None else xd) @ a.T
+    u *= scaling
+    z += u @ bm.T
+    n, wa = dora_weight_norm(w, a, bm, scaling)
+    y = z * (mag / n)
+    if b is not None:
+        y += b
+    return y, z, u, n, wa
+
+
+def dora_backward(
+    g: np.ndarray, x: np.ndarray, w: np.ndarray, a: np.ndarray, bm: np.ndarray, mag: np.ndarray,
+    u: np.ndarray, z: np.ndarray, n: np.ndarray, wa: np.ndarray, scaling: float,
+    need: tuple[bool, bool, bool, bool, bool, bool], xd: np.ndarray | None = None,
+    mask: np.ndarray | None = None, norm_grad: bool = False,
+) -> tuple[np.ndarray | None, ...]:
+    """Gradients of dora_forward for (x, W, b, A, B, m), each only if ``need`` says so.
+
+    With c = m / n and gz = g * c:  dm = sum_batch(g * z) / n;  dB = gz^T u;  dA = s (gz B)^T xd;
+    dx = gz W + s (gz B) A [* mask];  dW = gz^T x;  db = sum g. The norm n is a constant (DoRA paper,
+    section 4.3) unless ``norm_grad``: then dL/dV = h V with V = W + s B A and h = -c dm / n, which
+    adds s h (W A^T + s B A A^T) to dB and s (hB)^T (W + s B A) to dA, still without an (out x in) product.
+    """
+    need_x, need_w, need_b, need_a, need_bm, need_m = need
+    out = g.shape[-1]
+    g2, z2 = g.reshape(-1, out), z.reshape(-1, out)
+    c = mag / n
+    gm = np.einsum("ij,ij->j", g2, z2) / n if (need_m or norm_grad) else None
+    gz = g * c
+    gz2 = gz.reshape(-1, out)
+    gbm = gz2.T @ u.reshape(-1, u.shape[-1]) if need_bm else None
+    gu = None
+    if need_a or need_x:
+        gu = gz @ bm
+        gu *= scaling
+    xs = x if xd is None else xd
+    ga = gu.reshape(-1, gu.shape[-1]).T @ xs.reshape(-1, x.shape[-1]) if need_a else None
+    gx = None
+    if need_x:
+        lora_part = gu @ a
+        if mask is not None:
+            lora_part *= mask
+        gx = gz @ w
+        gx += lora_part
+    gw = gz2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
+    gb = g2.sum(axis=0) if need_b else None
+    if norm_grad and (need_a or need_bm or need_w):
+        h = -c * gm / n
+        hb = bm * h[:, None]
+        if need_bm:
+            gbm += scaling * (h[:, None] * wa + scaling * (hb @ (a @ a.T)))
+        if need_a:
+            ga += scaling * (hb.T @ w + scaling * ((hb.T @ bm) @ a))
+        if need_w:
+            gw += h[:, None] * (w + scaling * (bm @ a))
+    return gx, gw, gb, ga, gbm, (gm if need_m else None)
+
+
 # --------------------------------------------------------------------------------------------- relu
 
 

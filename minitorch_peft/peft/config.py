@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 INITS = ("kaiming", "gaussian")
@@ -24,6 +24,9 @@ class LoraConfig:
     use_dora: bool = False
     init_lora_weights: str = "kaiming"
     target_modules: list[str] | str = field(default_factory=lambda: ["fc1", "fc2", "fc3"])
+    dora_norm_grad: bool = False  # DoRA: let the gradient flow through ||W0 + s B A|| (the paper detaches it)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module name (or suffix) -> its own r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module name (or suffix) -> its own alpha
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -41,6 +44,32 @@ class LoraConfig:
         elif self.target_modules != "all-linear":
             raise AdapterError(f"target_modules must be a list of names or 'all-linear', got {self.target_modules!r}")
         self.lora_alpha = float(self.lora_alpha)
+        for label, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                raise AdapterError(f"{label} must map module names to values, got {pattern!r}")
+        for module, r in self.rank_pattern.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise AdapterError(f"rank_pattern[{module!r}] must be an integer >= 1, got {r!r}")
+        for module, alpha in self.alpha_pattern.items():
+            if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+                raise AdapterError(f"alpha_pattern[{module!r}] must be > 0, got {alpha!r}")
+
+    def for_module(self, name: str) -> "LoraConfig":
+        """This config as module ``name`` uses it: r and alpha from the patterns where a key names it.
+
+        A key matches a module by its full name or a dotted suffix, as targets do. The result has empty
+        patterns, so every layer holds its own effective r and alpha.
+        """
+        def lookup(pattern: dict[str, Any], default: Any) -> Any:
+            for key, value in pattern.items():
+                if name == key or name.endswith("." + key):
+                    return value
+            return default
+
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        return replace(self, r=lookup(self.rank_pattern, self.r), lora_alpha=lookup(self.alpha_pattern, self.lora_alpha),
+                       rank_pattern={}, alpha_pattern={})
 
     @property
     def scaling(self) -> float:

@@ -99,6 +99,7 @@ class LoRALinear(Module):
         self.configs: dict[str, LoraConfig] = {}
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
+        self.dora_merge_state: dict[str, Any] = {}  # DoRA: what unmerge needs (n depends on the W0 that merge overwrites)
         self.adapters_disabled = False
 
     # ------------------------------------------------------------------------------ adapters
@@ -182,6 +183,8 @@ class LoRALinear(Module):
     def merged_weight(self, name: str | None = None) -> Any:
         """The weight that gives, without an adapter, exactly the output this adapter gives."""
         name = name or self._active()
+        if self.merged:  # the weight already holds W0 + update: building on it would count the update twice
+            raise AdapterError("the layer is merged; unmerge() first")
         if self.configs[name].use_dora:
             from .dora import dora_merged_weight
 

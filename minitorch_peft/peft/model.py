@@ -52,7 +52,7 @@ def inject_adapters(
         raise AdapterError("the model has no Linear module to adapt")
     for name in chosen:  # check every target before changing anything
         lin = model.get_submodule(name)
-        config.check_fits(name, lin.in_features, lin.out_features)
+        config.for_module(name).check_fits(name, lin.in_features, lin.out_features)
     model.freeze()
     for name in chosen:
         lin = model.get_submodule(name)
@@ -60,11 +60,11 @@ def inject_adapters(
             from .qlora import QLoRALinear
 
             layer: LoRALinear = QLoRALinear.from_linear(
-                lin, config=config, adapter_name=adapter_name,
+                lin, config=config.for_module(name), adapter_name=adapter_name,
                 quant_type=quantize, double_quant=double_quant, block_size=block_size,
             )
         else:
-            layer = LoRALinear.from_linear(lin, config=config, adapter_name=adapter_name)
+            layer = LoRALinear.from_linear(lin, config=config.for_module(name), adapter_name=adapter_name)
         model.set_submodule(name, layer)
     return model
 
@@ -94,11 +94,11 @@ def add_adapter(model: Module, name: str, config: LoraConfig) -> None:
             f"target module(s) {', '.join(missing)} have no adapter layer; adapted: {', '.join(n for n, _ in layers)}"
         )
     for n, layer in chosen:
-        config.check_fits(n, layer.in_features, layer.out_features)
+        config.for_module(n).check_fits(n, layer.in_features, layer.out_features)
         if name in layer.configs:
             raise AdapterError(f"adapter {name!r} already exists in {n}")
-    for _, layer in chosen:
-        layer.add_adapter(name, config)
+    for n, layer in chosen:
+        layer.add_adapter(name, config.for_module(n))
 
 
 def set_adapter(model: Module, name: str) -> None:
