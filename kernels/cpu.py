@@ -273,6 +273,13 @@ def adam_step(
     One pass over memory and no allocation. ``decoupled`` weight decay (AdamW) scales p by
     (1 - lr*wd) first; coupled (classic Adam L2) adds wd*p to the gradient, which needs a temporary.
     """
+    if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        # reshape(-1) of a strided array is a copy: update contiguous copies, then write them back
+        pc, mc, vc = np.ascontiguousarray(p), np.ascontiguousarray(m), np.ascontiguousarray(v)
+        adam_step(pc, g, mc, vc, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
+                  weight_decay=weight_decay, decoupled=decoupled)
+        p[...], m[...], v[...] = pc, mc, vc
+        return
     t = p.dtype.type
     if weight_decay and not decoupled:
         g = g + weight_decay * p
@@ -305,6 +312,15 @@ def sgd_step(
     first: bool,
 ) -> None:
     """In place: g' = g + wd p; buf = mu buf + g' (buf = g' on the first step); p -= lr * buf."""
+    if not (p.flags.c_contiguous and (buf is None or buf.flags.c_contiguous)):
+        # reshape(-1) of a strided array is a copy: update contiguous copies, then write them back
+        pc = np.ascontiguousarray(p)
+        bc = None if buf is None else np.ascontiguousarray(buf)
+        sgd_step(pc, g, bc, lr=lr, momentum=momentum, weight_decay=weight_decay, first=first)
+        p[...] = pc
+        if buf is not None:
+            buf[...] = bc
+        return
     t = p.dtype.type
     b = buf.reshape(-1) if buf is not None else p.reshape(-1)[:0]
     _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first)

@@ -214,10 +214,10 @@ class MatMul(Function):
         a2 = xp.expand_dims(a, axis=0) if a.ndim == 1 else a
         b2 = xp.expand_dims(b, axis=-1) if b.ndim == 1 else b
         g2 = g
+        if b.ndim == 1:  # first: for vector @ vector, g is 0-d and only axis -1 exists to expand
+            g2 = xp.expand_dims(g2, axis=-1)
         if a.ndim == 1:
             g2 = xp.expand_dims(g2, axis=-2)
-        if b.ndim == 1:
-            g2 = xp.expand_dims(g2, axis=-1)
         if ctx.needs_input_grad[0]:
             da = xp.matmul(g2, mT(b2))
             da = xp.reshape(unbroadcast(xp, da, a2.shape), a.shape)
@@ -323,7 +323,7 @@ class Transpose(Function):
     @staticmethod
     def forward(ctx: Context, a: Any, axes: tuple[int, ...] | None = None) -> Any:
         axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(axes)
-        ctx.axes = axes
+        ctx.axes = tuple(ax % a.ndim for ax in axes) if a.ndim else axes  # argsort needs them non-negative
         return ctx.backend.permute_dims(a, axes)
 
     @staticmethod
