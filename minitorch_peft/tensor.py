@@ -38,6 +38,15 @@ def no_grad() -> Iterator[None]:
         _grad_enabled = previous
 
 
+class _ReleasedNode:
+    """Stands where a freed graph node was, so a second backward() fails loudly instead of doing nothing."""
+
+    parents: tuple = ()
+
+
+_RELEASED = _ReleasedNode()
+
+
 class Tensor:
     """An n-dimensional array that can record the ops applied to it and differentiate through them."""
 
@@ -92,6 +101,9 @@ class Tensor:
             if g is None:
                 continue
             ctx = node._ctx
+            if ctx is _RELEASED:
+                raise RuntimeError("backward() through a graph that was already freed; "
+                                   "pass retain_graph=True to the first backward()")
             if ctx is None:  # a leaf: accumulate into .grad (never in place: g may be shared)
                 node.grad = g if node.grad is None else node.grad + g
                 continue
@@ -100,7 +112,7 @@ class Tensor:
                     key = id(parent)
                     grads[key] = pg if key not in grads else grads[key] + pg
             if not retain_graph:
-                node._ctx = None  # frees the saved activations as soon as they are used
+                node._ctx = _RELEASED  # frees the saved activations as soon as they are used
 
     def _topological_order(self) -> list["Tensor"]:
         """Nodes reachable from self that require grad, each after every node that uses it."""
@@ -176,7 +188,12 @@ class Tensor:
         return Tensor(be.asarray(self.backend.to_numpy(self.data)), self.requires_grad, be)
 
     def astype(self, dtype: Any) -> "Tensor":
-        return _ops.Cast.apply(self, dtype=np.dtype(dtype))
+        """This tensor as ``dtype``: a NumPy dtype or name, or the backend's own dtype object."""
+        try:
+            dtype = getattr(self.backend.xp, np.dtype(dtype).name)  # np.float32 -> xp.float32
+        except TypeError:  # not a dtype NumPy reads: the backend's own (e.g. a strict array-API dtype)
+            pass
+        return _ops.Cast.apply(self, dtype=dtype)
 
     def double(self) -> "Tensor":
         return self.astype(np.float64)
