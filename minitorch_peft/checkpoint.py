@@ -35,8 +35,13 @@ def model_config(model: MLP) -> dict[str, Any]:
             for adapter, cfg in layer.configs.items():
                 entry = adapters.setdefault(adapter, {**cfg.to_dict(), "target_modules": []})
                 entry["target_modules"].append(name)
+                # layers may differ in r / alpha (a combined adapter, say): the patterns record each one
+                if cfg.r != entry["r"]:
+                    entry["rank_pattern"][name] = cfg.r
+                if cfg.lora_alpha != entry["lora_alpha"]:
+                    entry["alpha_pattern"][name] = cfg.lora_alpha
         config["adapters"] = adapters
-        config["active_adapter"] = layers[0][1].active_adapter
+        config["active_adapter"] = next((l.active_adapter for _, l in layers if l.active_adapter), None)
         quant = getattr(layers[0][1], "quant_config", None)
         config["quantization"] = quant() if callable(quant) else None
     return config

@@ -1,7 +1,11 @@
 """Parameter-efficient fine-tuning: LoRA and its family as plain modules over the engine."""
 
+from .adapter_io import load_adapters, load_peft, save_adapters, save_peft
+from .compose import COMBINATIONS, combine_adapters
 from .config import AdapterError, LoraConfig
+from .dora import DoRAFunction
 from .lora import LoRAFunction, LoRALinear
+from .loraplus import loraplus_param_groups
 from .model import (
     active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters, inject_adapters,
     linear_names, list_adapters, lora_layers, merge_adapters, merge_and_unload, set_adapter, unload,
@@ -9,6 +13,8 @@ from .model import (
 )
 
 __all__ = [
+    "COMBINATIONS", "DoRAFunction", "combine_adapters", "load_adapters", "load_peft", "loraplus_param_groups",
+    "save_adapters", "save_peft",
     "AdapterError", "LoRAFunction", "LoRALinear", "LoraConfig", "active_adapter", "add_adapter",
     "count_parameters", "delete_adapter", "disable_adapters", "inject_adapters", "linear_names",
     "list_adapters", "lora_layers", "merge_adapters", "merge_and_unload", "set_adapter", "unload",

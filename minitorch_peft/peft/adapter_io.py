@@ -1,0 +1,348 @@
+"""Adapter files: only the adapters and their settings, loaded onto a base that has the right shapes.
+
+Two layouts, each a folder written whole or not at all:
+
+- ours: ``adapter_config.json`` (method, r, alpha, targets, rsLoRA, DoRA, names, and the base shapes the
+  adapters were made for) + ``adapter_model.npz`` with the model's own keys (``fc1.lora_A.<name>``).
+- Hugging Face PEFT's: ``adapter_config.json`` (peft_type "LORA", ...) + ``adapter_model.safetensors``
+  with PEFT's key names (``base_model.model.fc1.lora_A.weight``, ``...lora_B.weight``,
+  ``...lora_magnitude_vector`` for DoRA), one adapter per folder. Needs the ``safetensors`` package.
+
+Every check (config, keys, shapes) runs before the model is touched, so a bad file changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..nn.layers import Linear
+from ..nn.module import Module
+from ..serialize import CheckpointError, atomic_directory, load_json, load_npz, save_json, save_npz
+from .config import AdapterError, LoraConfig
+from .lora import LoRALinear
+from .model import active_adapter, add_adapter, inject_adapters, list_adapters, lora_layers, set_adapter
+
+FORMAT = "minitorch_peft.adapters"
+VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.npz"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def _adapter_configs(model: Module, names: list[str]) -> dict[str, dict[str, Any]]:
+    """name -> config dict with the exact target modules and per-module r / alpha patterns."""
+    from ..checkpoint import model_config  # checkpoint imports the peft package: import late
+
+    adapters = model_config(model).get("adapters") or {}
+    return {n: adapters[n] for n in names}
+
+
+def _names(model: Module, names: list[str] | None) -> list[str]:
+    known = list_adapters(model)
+    if not known:
+        raise AdapterError("the model has no adapters to save")
+    names = known if names is None else list(names)
+    for n in names:
+        if n not in known:
+            raise AdapterError(f"unknown adapter {n!r}; the model has: {', '.join(known)}")
+    return names
+
+
+def _module_shapes(model: Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear or adapted module, by qualified name."""
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if n and isinstance(m, (Linear, LoRALinear))}
+
+
+def _host(a: Any, layer: LoRALinear) -> np.ndarray:
+    return np.ascontiguousarray(layer.weight.backend.to_numpy(a))
+
+
+def _check_base(model: Module, shapes: dict[str, tuple[int, int]], source: str) -> None:
+    have = _module_shapes(model)
+    for module, shape in shapes.items():
+        if module not in have:
+            raise AdapterError(f"{source}: the adapters were made for module {module!r}, which this base lacks; "
+                               f"it has: {', '.join(have) or 'none'}")
+        if have[module] != tuple(shape):
+            raise AdapterError(f"{source}: module {module!r} is (out, in) = {have[module]} in this base, "
+                               f"the adapters were made for {tuple(shape)}")
+
+
+def _expected_shapes(name: str, cfg: LoraConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+    """Our state-dict key -> shape for adapter ``name`` on the modules of ``shapes``."""
+    out: dict[str, tuple[int, ...]] = {}
+    for module, (n_out, n_in) in shapes.items():
+        r = cfg.for_module(module).r
+        out[f"{module}.lora_A.{name}"] = (r, n_in)
+        out[f"{module}.lora_B.{name}"] = (n_out, r)
+        if cfg.use_dora:
+            out[f"{module}.lora_magnitude_vector.{name}"] = (n_out,)
+    return out
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    missing = [k for k in expected if k not in arrays]
+    unexpected = [k for k in arrays if k not in expected]
+    if missing:
+        raise AdapterError(f"{source}: missing key(s) {', '.join(missing)}")
+    if unexpected:
+        raise AdapterError(f"{source}: unexpected key(s) {', '.join(unexpected)}")
+    for k, shape in expected.items():
+        if tuple(arrays[k].shape) != shape:
+            raise AdapterError(f"{source}: key {k!r} has shape {tuple(arrays[k].shape)}, the base needs {shape}")
+        if arrays[k].dtype.kind != "f":
+            raise AdapterError(f"{source}: key {k!r} has dtype {arrays[k].dtype}, expected floating point")
+
+
+def _attach(model: Module, name: str, cfg: LoraConfig) -> None:
+    """Put adapter ``name`` into the model: inject into a plain model, add beside existing adapters."""
+    if name in list_adapters(model):
+        raise AdapterError(f"the model already has an adapter named {name!r}")
+    if next(lora_layers(model), None) is None:
+        inject_adapters(model, cfg, adapter_name=name)
+    else:
+        add_adapter(model, name, cfg)
+
+
+def _fill(model: Module, arrays: dict[str, np.ndarray]) -> None:
+    """Copy arrays (our keys) into the model's live adapter tensors, in the model's dtype."""
+    params = dict(model.named_parameters())
+    for k, v in arrays.items():
+        p = params[k]
+        p.data[...] = p.backend.asarray(v.astype(p.dtype, copy=False))
+
+
+# ------------------------------------------------------------------------------------ our format
+
+
+def save_adapters(model: Module, path: str | Path, names: list[str] | None = None) -> Path:
+    """Write adapters ``names`` (default: all) and their configs to folder ``path``; the base is not saved."""
+    names = _names(model, names)
+    configs = _adapter_configs(model, names)
+    state = model.state_dict()
+    arrays: dict[str, Any] = {}
+    shapes = _module_shapes(model)
+    base_shapes: dict[str, list[int]] = {}
+    for n, cfg in configs.items():
+        for module in cfg["target_modules"]:
+            base_shapes[module] = list(shapes[module])
+            for kind in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                key = f"{module}.{kind}.{n}"
+                if key in state:
+                    arrays[key] = state[key]
+        cfg["method"] = "dora" if cfg.get("use_dora") else "lora"
+    active = active_adapter(model)
+    config = {
+        "format": FORMAT, "version": VERSION,
+        "method": configs[active]["method"] if active in configs else configs[names[0]]["method"],
+        "adapters": configs, "active_adapter": active if active in configs else names[0], "base_shapes": base_shapes,
+    }
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        save_npz(tmp / WEIGHTS_FILE, arrays)
+        save_json(tmp / CONFIG_FILE, config)
+    return path
+
+
+def load_adapters(model: Module, path: str | Path) -> list[str]:
+    """Load the adapters saved in folder ``path`` onto ``model`` (a base, or a model with other adapters).
+
+    The base must have the modules and shapes the adapters were made for; returns the loaded names and
+    makes the saved active adapter active.
+    """
+    path = Path(path)
+    source = str(path / CONFIG_FILE)
+    raw = load_json(path / CONFIG_FILE)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise AdapterError(f"{source}: not a {FORMAT} adapter config")
+    if raw.get("version") != VERSION:
+        raise AdapterError(f"{source}: version {raw.get('version')!r}, this build reads {VERSION}")
+    adapters, shapes = raw.get("adapters"), raw.get("base_shapes")
+    if not isinstance(adapters, dict) or not adapters or not isinstance(shapes, dict):
+        raise AdapterError(f"{source}: 'adapters' and 'base_shapes' must be objects")
+    try:
+        shapes = {m: tuple(int(v) for v in s) for m, s in shapes.items()}
+        configs = {n: LoraConfig.from_dict(c) for n, c in adapters.items()}
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{source}: {e}") from None
+    _check_base(model, shapes, str(path))
+    known = list_adapters(model)
+    expected: dict[str, tuple[int, ...]] = {}
+    for n, cfg in configs.items():
+        if n in known:
+            raise AdapterError(f"{path}: the model already has an adapter named {n!r}")
+        if cfg.target_modules == "all-linear" or any(m not in shapes for m in cfg.target_modules):
+            raise AdapterError(f"{source}: adapter {n!r} lists modules without saved shapes")
+        for module in cfg.target_modules:
+            cfg.for_module(module).check_fits(module, shapes[module][1], shapes[module][0])
+        expected.update(_expected_shapes(n, cfg, {m: shapes[m] for m in cfg.target_modules}))
+    arrays = load_npz(path / WEIGHTS_FILE)
+    _check_arrays(arrays, expected, str(path / WEIGHTS_FILE))
+    for n, cfg in configs.items():
+        _attach(model, n, cfg)
+    _fill(model, arrays)
+    active = raw.get("active_adapter")
+    set_adapter(model, active if active in configs else next(iter(configs)))
+    return list(configs)
+
+
+# ------------------------------------------------------------------------------- Hugging Face PEFT
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise AdapterError(
+            "Hugging Face PEFT files need the safetensors package: pip install 'minitorch_peft[safetensors]'"
+        ) from None
+    return safetensors.numpy
+
+
+def save_peft(model: Module, path: str | Path, adapter: str | None = None) -> Path:
+    """Write one adapter (default: the active one) in Hugging Face PEFT's layout to folder ``path``."""
+    st = _safetensors()
+    name = adapter or active_adapter(model)
+    if name is None:
+        raise AdapterError("the model has no active adapter; name one to export")
+    cfg = _adapter_configs(model, _names(model, [name]))[name]
+    tensors: dict[str, np.ndarray] = {}
+    for module, layer in lora_layers(model):
+        if name not in layer.configs:
+            continue
+        prefix = PEFT_PREFIX + module
+        tensors[f"{prefix}.lora_A.weight"] = _host(layer.lora_A[name].data, layer)
+        tensors[f"{prefix}.lora_B.weight"] = _host(layer.lora_B[name].data, layer)
+        if name in layer.lora_magnitude_vector:
+            tensors[f"{prefix}.lora_magnitude_vector"] = _host(layer.lora_magnitude_vector[name].data, layer)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg["r"],
+        "lora_alpha": cfg["lora_alpha"],
+        "lora_dropout": cfg["lora_dropout"],
+        "target_modules": list(cfg["target_modules"]),
+        "use_rslora": cfg["use_rslora"],
+        "use_dora": cfg["use_dora"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True if cfg["init_lora_weights"] == "kaiming" else cfg["init_lora_weights"],
+        "rank_pattern": dict(cfg["rank_pattern"]),
+        "alpha_pattern": dict(cfg["alpha_pattern"]),
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        st.save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        save_json(tmp / CONFIG_FILE, config)
+    return path
+
+
+def _peft_pattern(pattern: Any, module: str, default: Any) -> Any:
+    """PEFT's rank/alpha patterns: a key names a module exactly, or as a regex matching its end."""
+    for key, value in (pattern or {}).items():
+        if module == key or re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+def _peft_targets(targets: Any, linear: list[str], keyed: list[str], source: str) -> list[str]:
+    """The modules PEFT's target_modules names in this model (list: exact or suffix; string: regex)."""
+    if targets == "all-linear":
+        return keyed  # PEFT leaves out the output layer of some models: trust the file's keys here
+    if isinstance(targets, str):
+        return [m for m in linear if re.fullmatch(targets, m)]
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        return [m for m in linear if any(m == t or m.endswith("." + t) for t in targets)]
+    raise AdapterError(f"{source}: target_modules must be a list of names, a regex or 'all-linear', got {targets!r}")
+
+
+def load_peft(model: Module, path: str | Path, adapter_name: str = "default") -> str:
+    """Load a Hugging Face PEFT LoRA / DoRA adapter folder onto ``model`` as adapter ``adapter_name`` (made active)."""
+    st = _safetensors()
+    path = Path(path)
+    source = str(path / CONFIG_FILE)
+    raw = load_json(path / CONFIG_FILE)
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{source}: not a PEFT adapter config")
+    if raw.get("peft_type") != "LORA":
+        raise AdapterError(f"{source}: peft_type {raw.get('peft_type')!r}; only 'LORA' (LoRA, rsLoRA, DoRA) is supported")
+    if raw.get("fan_in_fan_out"):
+        raise AdapterError(f"{source}: fan_in_fan_out=true (Conv1D layers) is not supported")
+    if raw.get("bias", "none") != "none":
+        raise AdapterError(f"{source}: bias={raw.get('bias')!r}: only adapters without trained biases are supported")
+    if raw.get("modules_to_save"):
+        raise AdapterError(f"{source}: modules_to_save is not supported")
+    weights_file = path / PEFT_WEIGHTS_FILE
+    if not weights_file.is_file():
+        other = " (adapter_model.bin is a PyTorch pickle: re-save it with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"{weights_file}: file not found{other}")
+    try:
+        tensors = st.load_file(str(weights_file))
+    except Exception as e:  # safetensors raises its own error types for damage and for dtypes NumPy lacks
+        raise CheckpointError(f"{weights_file}: cannot read it ({e})") from None
+
+    use_dora = bool(raw.get("use_dora", False))
+    mapped: dict[str, tuple[str, str]] = {}  # PEFT key -> (module, kind)
+    for key in tensors:
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", key)
+        if m is None:
+            raise AdapterError(f"{weights_file}: unexpected key {key!r} (only lora_A, lora_B and lora_magnitude_vector are read)")
+        mapped[key] = (m.group(1), m.group(2).split(".")[0])
+    shapes = _module_shapes(model)
+    keyed = list(dict.fromkeys(mod for mod, _ in mapped.values()))
+    for mod in keyed:
+        if mod not in shapes:
+            raise AdapterError(f"{weights_file}: has weights for module {mod!r}, which this base lacks; it has: {', '.join(shapes)}")
+    keyed.sort(key=list(shapes).index)
+    modules = _peft_targets(raw.get("target_modules"), list(shapes), keyed, source)
+    if not modules:
+        raise AdapterError(f"{source}: target_modules {raw.get('target_modules')!r} matches no module of this base")
+    kinds = ["lora_A", "lora_B"] + (["lora_magnitude_vector"] if use_dora else [])
+    present = {(mod, kind) for mod, kind in mapped.values()}
+    missing = [f"{PEFT_PREFIX}{mod}.{kind}" + ("" if kind == "lora_magnitude_vector" else ".weight")
+               for mod in modules for kind in kinds if (mod, kind) not in present]
+    if missing:
+        raise AdapterError(f"{weights_file}: missing key(s) {', '.join(missing)}")
+    extra = [k for k, (mod, kind) in mapped.items() if mod not in modules or kind not in kinds]
+    if extra:
+        raise AdapterError(f"{weights_file}: unexpected key(s) {', '.join(extra)} (not among the config's targets)")
+
+    try:
+        r = int(raw.get("r", 8))
+        alpha = float(raw.get("lora_alpha", 8))
+        init = raw.get("init_lora_weights", True)
+        arrays: dict[str, np.ndarray] = {}
+        for key, (mod, kind) in mapped.items():
+            arrays[f"{mod}.{kind}.{adapter_name}"] = np.asarray(tensors[key])
+        ranks = {mod: int(arrays[f"{mod}.lora_A.{adapter_name}"].shape[0]) for mod in modules}  # the file's own ranks
+        cfg = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=float(raw.get("lora_dropout", 0.0)),
+            use_rslora=bool(raw.get("use_rslora", False)), use_dora=use_dora,
+            init_lora_weights="gaussian" if init == "gaussian" else "kaiming",
+            target_modules=modules,
+            rank_pattern={mod: rm for mod, rm in ranks.items() if rm != r},
+            alpha_pattern={mod: float(_peft_pattern(raw.get("alpha_pattern"), mod, alpha)) for mod in modules
+                           if float(_peft_pattern(raw.get("alpha_pattern"), mod, alpha)) != alpha},
+        )
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{source}: {e}") from None
+    for mod in modules:
+        cfg.for_module(mod).check_fits(mod, shapes[mod][1], shapes[mod][0])
+    if adapter_name in list_adapters(model):
+        raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
+    _check_arrays(arrays, _expected_shapes(adapter_name, cfg, {m: shapes[m] for m in modules}), str(weights_file))
+    _attach(model, adapter_name, cfg)
+    _fill(model, arrays)
+    set_adapter(model, adapter_name)
+    return adapter_name
