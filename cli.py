@@ -49,9 +49,18 @@ def cli() -> None:
 @cli.command()
 @BACKEND
 @DATASET
-@click.option("--method", default="lora", show_default=True, help="lora | full (see the README for the family).")
+@click.option("--method", default="lora", show_default=True,
+              help="lora | dora | lora-plus | head (only the last layer trains) | full (see the README for the family).")
 @click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank r.")
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scaling alpha/r).")
+@click.option("--rslora", is_flag=True, default=False, help="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+@click.option("--dropout", default=0.0, show_default=True, type=float, help="Dropout on the adapter's input, in [0, 1).")
+@click.option("--targets", default="fc1,fc2,fc3", show_default=True, callback=lambda ctx, param, v: _split(v),
+              help="Comma-separated modules to adapt (exact names or dotted suffixes).")
+@click.option("--loraplus-ratio", default=16.0, show_default=True, type=float,
+              help="lora-plus: B's learning rate is lr times this.")
+@click.option("--adapter-name", default="default", show_default=True,
+              help="Name of the new adapter; with --base holding adapters, it is added beside them.")
 @click.option("--epochs", default=3, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
@@ -70,6 +79,92 @@ def train(json_path: str | None, **kwargs: Any) -> None:
     click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
     metrics = run(cfg, log=click.echo)
     _write_json(json_path, metrics)
+
+
+def _split(value: str | None) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']; empty items are dropped."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _floats(value: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in _split(value)]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers, got {value!r}") from None
+
+
+@cli.command()
+@click.option("--model-dir", required=True, type=click.Path(), help="A model folder with named adapters.")
+@click.option("--adapters", default=None, help="Comma-separated adapter names to combine.")
+@click.option("--weights", default=None, help="Comma-separated weights, one per adapter.")
+@click.option("--combination", default="svd", show_default=True,
+              help="cat | linear | svd | ties | dare_linear | dare_ties.")
+@click.option("--rank", type=int, default=None, help="Rank of the result (default: the largest input rank; cat: the sum).")
+@click.option("--density", type=float, default=None, help="ties / dare: share of each update kept, in (0, 1].")
+@click.option("--seed", default=0, show_default=True, type=int, help="dare: seed of the random drops.")
+@click.option("--name", "new_name", default="merged", show_default=True, help="Name of the combined adapter.")
+@click.option("--unload", is_flag=True, default=False,
+              help="Fold the combined (without --adapters: the active) adapter into the base: save a plain model.")
+@click.option("--output", required=True, type=click.Path(file_okay=False))
+@JSON
+def merge(model_dir: str, adapters: str | None, weights: str | None, combination: str, rank: int | None,
+          density: float | None, seed: int, new_name: str, unload: bool, output: str, json_path: str | None) -> None:
+    """Combine named adapters of a model folder into a new adapter (made active), and save the folder."""
+    from minitorch_peft.checkpoint import load_model, save_model
+    from minitorch_peft.peft import AdapterError, active_adapter, combine_adapters, list_adapters, merge_and_unload, set_adapter
+
+    model, _ = load_model(model_dir)
+    have = list_adapters(model)
+    if not have:
+        raise AdapterError(f"{model_dir} holds no adapters to merge")
+    names = _split(adapters)
+    if names:
+        if weights is None:
+            raise UserError("--weights is required with --adapters: one number per adapter, e.g. --weights 0.5,0.5")
+        combine_adapters(model, names, _floats(weights, "--weights"), new_name, combination, rank=rank, density=density, seed=seed)
+        set_adapter(model, new_name)
+        click.echo(f"Combined {', '.join(names)} into adapter {new_name!r} ({combination})")
+    elif not unload:
+        raise UserError(f"--adapters is required (the folder has: {', '.join(have)}), unless --unload folds the active adapter")
+    result = {"model_dir": model_dir, "output": output, "adapters": names, "combination": combination if names else None,
+              "active_adapter": active_adapter(model)}
+    if unload:
+        merge_and_unload(model)
+        click.echo(f"Folded adapter {result['active_adapter']!r} into the base weights")
+    save_model(model, output)
+    click.echo(f"Saved to {output}")
+    _write_json(json_path, result)
+
+
+@cli.command("export-peft")
+@click.option("--model-dir", required=True, type=click.Path())
+@click.option("--adapter", default=None, help="Adapter to export (default: the active one).")
+@click.option("--output", required=True, type=click.Path(file_okay=False))
+def export_peft(model_dir: str, adapter: str | None, output: str) -> None:
+    """Write one adapter as Hugging Face PEFT files: adapter_config.json + adapter_model.safetensors."""
+    from minitorch_peft.checkpoint import load_model
+    from minitorch_peft.peft import active_adapter, save_peft
+
+    model, _ = load_model(model_dir)
+    name = adapter or active_adapter(model)
+    save_peft(model, output, name)
+    click.echo(f"Exported adapter {name!r} of {model_dir} to {output} (Hugging Face PEFT layout)")
+
+
+@cli.command("import-peft")
+@click.option("--base", required=True, type=click.Path(), help="A model folder (plain, or with other adapters).")
+@click.option("--peft", "peft_dir", required=True, type=click.Path(), help="A Hugging Face PEFT adapter folder.")
+@click.option("--adapter-name", default="default", show_default=True)
+@click.option("--output", required=True, type=click.Path(file_okay=False))
+def import_peft(base: str, peft_dir: str, adapter_name: str, output: str) -> None:
+    """Load a Hugging Face PEFT LoRA / DoRA adapter onto a base model folder and save the result."""
+    from minitorch_peft.checkpoint import load_model, save_model
+    from minitorch_peft.peft import load_peft
+
+    model, _ = load_model(base)
+    load_peft(model, peft_dir, adapter_name)
+    save_model(model, output)
+    click.echo(f"Loaded {peft_dir} onto {base} as adapter {adapter_name!r}; saved to {output}")
 
 
 @cli.command()

@@ -21,7 +21,8 @@ from .data import iterate_batches, load_mnist_like, num_batches
 from .nn.layers import MLP
 from .optim import Adam
 from .peft.config import AdapterError, LoraConfig
-from .peft.model import count_parameters, inject_adapters, lora_layers
+from .peft.loraplus import loraplus_param_groups
+from .peft.model import add_adapter, count_parameters, inject_adapters, list_adapters, lora_layers, set_adapter
 from .random import manual_seed
 from .tensor import Tensor, no_grad
 
@@ -65,6 +66,16 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.method not in ("full", "head"):
+            config = self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
+            if not self.loraplus_ratio > 0:
+                raise ValueError(f"--loraplus-ratio must be > 0, got {self.loraplus_ratio}")
+            if self.base is None:  # the default flow's MLP: targets and rank can be checked now
+                shapes = {f"fc{i + 1}": (n_in, n_out) for i, (n_in, n_out) in enumerate(zip(DIMS[:-1], DIMS[1:]))}
+                for target in self.targets:
+                    if target not in shapes:
+                        raise AdapterError(f"target module {target!r} matches no Linear module; available: {', '.join(shapes)}")
+                    config.check_fits(target, *shapes[target])
         get_backend(self.backend)
 
     def lora_config(self, **overrides: Any) -> LoraConfig:
@@ -80,13 +91,54 @@ def _full(model: MLP, cfg: TrainConfig) -> ParamGroups:
     return [{"params": list(model.parameters())}]
 
 
+def _head(model: MLP, cfg: TrainConfig) -> ParamGroups:
+    """The linear probe: only the last layer trains, every other parameter stays frozen."""
+    model.freeze()
+    last = getattr(model, model.layer_names[-1])
+    last.unfreeze()
+    return [{"params": list(last.parameters())}]
+
+
+def _adapt(model: MLP, cfg: TrainConfig, config: LoraConfig) -> None:
+    """Add adapter ``cfg.adapter_name`` and make it the one that trains.
+
+    On a plain model this injects it (freezing the base); on a model that already has adapters (``--base``
+    a folder saved by an adapter run) it is added beside them, and they stay frozen: that is how one
+    folder comes to hold several named adapters for ``cli.py merge``.
+    """
+    if next(lora_layers(model), None) is None:
+        inject_adapters(model, config, adapter_name=cfg.adapter_name)
+        return
+    if cfg.adapter_name in list_adapters(model):
+        raise AdapterError(
+            f"--base already has an adapter named {cfg.adapter_name!r} ({', '.join(list_adapters(model))}); "
+            "pass --adapter-name NEW to add another"
+        )
+    add_adapter(model, cfg.adapter_name, config)
+    set_adapter(model, cfg.adapter_name)
+
+
 def _lora(model: MLP, cfg: TrainConfig) -> ParamGroups:
-    inject_adapters(model, cfg.lora_config(), adapter_name=cfg.adapter_name)
+    _adapt(model, cfg, cfg.lora_config())
     return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def _dora(model: MLP, cfg: TrainConfig) -> ParamGroups:
+    _adapt(model, cfg, cfg.lora_config(use_dora=True))
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def _lora_plus(model: MLP, cfg: TrainConfig) -> ParamGroups:
+    """LoRA whose B matrices learn ``loraplus_ratio`` times faster than the rest."""
+    _adapt(model, cfg, cfg.lora_config())
+    return loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio)
 
 
 METHODS: dict[str, Callable[[MLP, TrainConfig], ParamGroups]] = {
     "lora": _lora,
+    "dora": _dora,
+    "lora-plus": _lora_plus,
+    "head": _head,
     "full": _full,
 }
 
@@ -152,8 +204,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if cfg.base:
         log(f"📊 Loading base model from {cfg.base}...")
         model, _ = load_model(cfg.base)
-        if next(lora_layers(model), None) is not None:
-            raise AdapterError(f"--base {cfg.base} holds adapters; merge them first (cli.py merge) or pass a full model")
+        if next(lora_layers(model), None) is not None and cfg.method in ("full", "head"):
+            raise AdapterError(
+                f"--base {cfg.base} holds adapters ({', '.join(list_adapters(model))}); --method {cfg.method} needs a plain "
+                "model: fold them in first (cli.py merge --unload) or train another adapter with --adapter-name"
+            )
         if model.dims[0] != x_train.shape[1] or model.dims[-1] != 10:
             raise AdapterError(
                 f"--base {cfg.base} has shape {' -> '.join(map(str, model.dims))}; this data needs {x_train.shape[1]} -> ... -> 10"
