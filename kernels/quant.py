@@ -1,0 +1,601 @@
+"""Blockwise 4-bit quantization (NF4 / FP4) with optional double quantization of the absmax: the
+compute core of QLoRA, as Numba CPU kernels.
+
+Layout and math (shared bit for bit by ``kernels.quant_ref`` (NumPy) and ``kernels.quant_cuda``):
+
+* The float32 tensor is flattened in C order into ``n`` values and cut into ``ceil(n / B)`` blocks of
+  ``B`` values (``B`` a power of two in [32, 4096], 64 by default); the last block may be partial.
+* Per block: ``absmax = max |x|`` (float32); ``y = x / d`` in float32 (an IEEE-rounded division, never
+  a multiply by a reciprocal) with ``d = absmax`` when ``absmax > 0`` else ``d = 1``, so an all-zero
+  block gives ``y = 0`` and dequantizes to exact zeros.
+* ``y`` is rounded to the nearest value of the 16-entry code book in exact arithmetic; a ``y`` exactly
+  halfway between two code values takes the one with the lower index (for FP4, where +0 and -0 are
+  the same value, 0 always encodes as index 0).
+* Codes are packed two per byte, the FIRST value in the HIGH nibble; for odd ``n`` the low nibble of
+  the last byte is 0. ``packed`` has ``ceil(n / 2)`` bytes.
+* Dequantization: ``x_hat = code[q] * absmax`` (one float32 multiply).
+* Double quantization (the bitsandbytes scheme, with a LINEAR signed 8-bit map, not bitsandbytes'
+  dynamic map): ``offset = float32(sum_f64(absmax) / n_blocks)`` (NumPy's float64 sum), then per group
+  of 256 absmax values ``diff = absmax - offset`` (float32), ``scale = max |diff|``, ``u = diff / d``
+  (``d`` as above) rounded to the nearest of the 255 values ``DQ8_CODE[k] = float32(k - 127) / 127``
+  (ties to the lower index), stored as the byte ``k`` (0..254). Reconstruction:
+  ``absmax_hat = float32(float32(DQ8_CODE[k] * scale) + offset)`` (two roundings, no fused FMA).
+  The 4-bit codes are always computed against the exact absmax, as bitsandbytes does. (An absmax
+  within a rounding step of the float32 maximum, ~3.4e38, may rebuild as Inf.)
+
+Storage per parameter: 4 bits + 32/B bits (plain) or 4 + 8/B + 32/(256 B) bits (double quant, about
+4.127 at B = 64) plus one float32 offset per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "NF4_CODE",
+    "FP4_CODE",
+    "DQ8_CODE",
+    "QUANT_TYPES",
+    "DQ_BLOCK_SIZE",
+    "QuantState",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "absmax_offset",
+    "check_block_size",
+    "check_quant_type",
+    "check_packed",
+    "array_module",
+    "nearest_tables",
+    "kernel_tables",
+]
+
+# ----------------------------------------------------------------------------------- code books
+
+#: bitsandbytes' NF4 code book (quantiles of N(0, 1) rescaled to [-1, 1]), as float32.
+NF4_CODE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
+NF4_CODE.setflags(write=False)
+
+#: bitsandbytes' FP4 code book (E2M1 with its own bit order: sign bit 8), divided by 12 in float32.
+FP4_CODE = np.array(
+    [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+    dtype=np.float32,
+) / np.float32(12.0)
+FP4_CODE.setflags(write=False)
+
+#: Linear signed 8-bit map for the double-quantized absmax: byte k (0..254) means (k - 127) / 127.
+DQ8_CODE = np.arange(-127, 128, dtype=np.float32) / np.float32(127.0)
+DQ8_CODE.setflags(write=False)
+
+QUANT_TYPES = ("nf4", "fp4")
+DQ_BLOCK_SIZE = 256
+MIN_BLOCK_SIZE = 32
+MAX_BLOCK_SIZE = 4096
+_FORMAT_VERSION = 1
+_QTYPE_ID = {"nf4": 0, "fp4": 1}
+_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+
+def nearest_tables(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tables for exact nearest-code rounding by counting: ``index = lut[sum_k (y > thr[k])]``.
+
+    ``thr`` (float32, ascending, one per gap between distinct code values) is the exact midpoint
+    of the gap moved to a float32 so that the strict float32 comparison ``y > thr`` is true exactly
+    when the exact nearest rule (ties to the lower index) picks the upper value; ``lut`` (uint8)
+    maps a sorted position to the lowest code index holding that value.
+    """
+    code = np.asarray(code, dtype=np.float32)
+    order = sorted(range(code.size), key=lambda i: (float(code[i]), i))
+    values: list[float] = []
+    index: list[int] = []
+    for i in order:
+        v = float(code[i])
+        if values and v == values[-1]:
+            continue  # duplicate value (+0 / -0): keep the lowest index, already taken
+        values.append(v)
+        index.append(i)
+    thr = np.empty(len(values) - 1, dtype=np.float32)
+    neg_inf = np.float32(-np.inf)
+    for j in range(len(values) - 1):
+        mid = (values[j] + values[j + 1]) / 2.0  # exact in float64 for these float32 values
+        assert Fraction(mid) == (Fraction(values[j]) + Fraction(values[j + 1])) / 2
+        t = np.float32(mid)
+        if float(t) > mid:
+            t = np.nextafter(t, neg_inf)  # largest float32 <= mid
+        if index[j + 1] < index[j] and float(t) == mid:
+            t = np.nextafter(t, neg_inf)  # a tie goes up: step up for y >= mid
+        thr[j] = t
+    return thr, np.array(index, dtype=np.uint8)
+
+
+_TABLES = {name: nearest_tables(code) for name, code in _CODES.items()}
+_NTHR = 15  # thresholds per 4-bit code book in the kernel (FP4 has 14, padded with +inf)
+
+
+def _kernel_tables(thr: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """Kernel form of (thr, lut): index = base + sum_k step[k] * (y > thr[k]) over 15 thresholds,
+    in float32 (small integers, exact) because the float adds vectorise best in the CPU kernel."""
+    step = np.diff(lut.astype(np.float32)).astype(np.float32)
+    pad = _NTHR - thr.size
+    thr = np.concatenate([thr, np.full(pad, np.inf, np.float32)])
+    step = np.concatenate([step, np.zeros(pad, np.float32)])
+    return thr, step, np.float32(lut[0])
+
+
+_STEPS = {name: _kernel_tables(*tables) for name, tables in _TABLES.items()}
+
+
+def kernel_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """(thr, step, base) for ``quant_type``: code index = base + sum_k step[k] * (y > thr[k])."""
+    return _STEPS[check_quant_type(quant_type)]
+
+
+_DQ8_THR, _DQ8_LUT = nearest_tables(DQ8_CODE)
+assert np.array_equal(_DQ8_LUT, np.arange(255))  # sorted map: position == byte
+#: 254 float32 thresholds: a DQ8 byte is the number of thresholds strictly below u.
+DQ8_THRESHOLDS = _DQ8_THR
+for _a in (DQ8_THRESHOLDS, *(a for t in _STEPS.values() for a in t[:2])):
+    _a.setflags(write=False)
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def check_block_size(block_size: int) -> int:
+    """Return ``block_size`` as an int, or raise ValueError unless a power of two in [32, 4096]."""
+    ok = isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool)
+    if ok:
+        b = int(block_size)
+        ok = MIN_BLOCK_SIZE <= b <= MAX_BLOCK_SIZE and (b & (b - 1)) == 0
+    if not ok:
+        raise ValueError(
+            f"block_size={block_size!r} is not allowed: it must be a power of two from "
+            f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        )
+    return int(block_size)
+
+
+def check_quant_type(quant_type: str) -> str:
+    """Return the quant type, or raise ValueError unless it is 'nf4' or 'fp4'."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r} is not supported; use one of {QUANT_TYPES}")
+    return quant_type
+
+
+def _n_blocks(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+@dataclass
+class QuantState:
+    """Everything besides the packed codes needed to dequantize one tensor.
+
+    Exactly one of ``absmax`` (float32, one per block) or the double-quant triple
+    ``absmax_codes`` (uint8, one per block) / ``absmax_scale`` (float32, one per 256 blocks) /
+    ``absmax_offset`` (float32 0-d array) is set.
+    """
+
+    shape: tuple[int, ...]
+    quant_type: str
+    block_size: int
+    absmax: np.ndarray | None = None
+    absmax_codes: np.ndarray | None = None
+    absmax_scale: np.ndarray | None = None
+    absmax_offset: np.ndarray | None = None
+    dq_block_size: int = DQ_BLOCK_SIZE
+
+    @property
+    def n(self) -> int:
+        """Number of quantized values."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def n_blocks(self) -> int:
+        return _n_blocks(self.n, self.block_size)
+
+    @property
+    def n_bytes_packed(self) -> int:
+        """Length of the packed uint8 code array: ceil(n / 2)."""
+        return (self.n + 1) // 2
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax is None
+
+    @property
+    def code(self) -> np.ndarray:
+        """The 16-entry float32 code book of this state's quant type."""
+        return _CODES[self.quant_type]
+
+    def _live(self) -> list[np.ndarray]:
+        arrs = (self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
+        return [a for a in arrs if a is not None]
+
+    def nbytes(self) -> int:
+        """Bytes of the live state arrays (absmax, or codes + scales + offset); excludes the codes."""
+        return int(sum(a.nbytes for a in self._live()))
+
+    def validate(self) -> "QuantState":
+        """Raise ValueError unless every field is consistent (types, lengths, finite scales)."""
+        check_quant_type(self.quant_type)
+        check_block_size(self.block_size)
+        if self.dq_block_size != DQ_BLOCK_SIZE:
+            raise ValueError(f"dq_block_size={self.dq_block_size} is not {DQ_BLOCK_SIZE}")
+        if not isinstance(self.shape, tuple) or any(
+            not isinstance(s, (int, np.integer)) or s < 0 for s in self.shape
+        ):
+            raise ValueError(f"corrupted quant state: bad shape {self.shape!r}")
+        nb = self.n_blocks
+        if self.absmax is not None:
+            if self.absmax_codes is not None or self.absmax_scale is not None:
+                raise ValueError("corrupted quant state: both absmax and absmax_codes are set")
+            _check_array("absmax", self.absmax, np.float32, nb)
+            _check_finite("absmax", self.absmax)
+        else:
+            if self.absmax_codes is None or self.absmax_scale is None or self.absmax_offset is None:
+                raise ValueError(
+                    "corrupted quant state: absmax is missing (neither absmax nor the "
+                    "double-quant absmax_codes/absmax_scale/absmax_offset are all present)"
+                )
+            _check_array("absmax_codes", self.absmax_codes, np.uint8, nb)
+            _check_array("absmax_scale", self.absmax_scale, np.float32, _n_blocks(nb, DQ_BLOCK_SIZE))
+            _check_finite("absmax_scale", self.absmax_scale)
+            off = self.absmax_offset
+            if not _is_array(off) or off.dtype != np.float32 or off.size != 1:
+                raise ValueError("corrupted quant state: absmax_offset must be one float32")
+            _check_finite("absmax_offset", off)
+            if nb and int(self.absmax_codes.max()) > 254:
+                raise ValueError("corrupted quant state: absmax_codes holds a byte > 254")
+        return self
+
+    def map_arrays(self, fn) -> "QuantState":
+        """A copy with ``fn`` applied to every live array (e.g. ``cupy.asarray`` / ``cupy.asnumpy``)."""
+        def f(a):
+            return None if a is None else fn(a)
+
+        return QuantState(
+            shape=self.shape,
+            quant_type=self.quant_type,
+            block_size=self.block_size,
+            absmax=f(self.absmax),
+            absmax_codes=f(self.absmax_codes),
+            absmax_scale=f(self.absmax_scale),
+            absmax_offset=f(self.absmax_offset),
+            dq_block_size=self.dq_block_size,
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Name -> array (metadata included) for ``np.savez``; ``from_arrays`` inverts it bit-exact."""
+        meta = np.array(
+            [_FORMAT_VERSION, _QTYPE_ID[self.quant_type], self.block_size, int(self.double_quant),
+             self.dq_block_size],
+            dtype=np.int64,
+        )
+        out = {"meta": meta, "shape": np.array(self.shape, dtype=np.int64)}
+        if self.absmax is not None:
+            out["absmax"] = self.absmax
+        else:
+            out["absmax_codes"] = self.absmax_codes
+            out["absmax_scale"] = self.absmax_scale
+            out["absmax_offset"] = self.absmax_offset.reshape(())
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "QuantState":
+        """Rebuild (and validate) a state from ``arrays()``'s dict or a loaded ``.npz``."""
+        try:
+            meta = np.asarray(arrays["meta"])
+            shape = np.asarray(arrays["shape"])
+        except KeyError as e:
+            raise ValueError(f"corrupted quant state: missing array {e.args[0]!r}") from None
+        if meta.dtype != np.int64 or meta.shape != (5,):
+            raise ValueError("corrupted quant state: 'meta' must be 5 int64 values")
+        if shape.dtype != np.int64 or shape.ndim != 1:
+            raise ValueError("corrupted quant state: 'shape' must be a 1-D int64 array")
+        version, qid, block, dq, dq_block = (int(v) for v in meta)
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"corrupted quant state: unknown format version {version}")
+        names = {v: k for k, v in _QTYPE_ID.items()}
+        if qid not in names:
+            raise ValueError(f"corrupted quant state: unknown quant type id {qid}")
+        if dq not in (0, 1):
+            raise ValueError(f"corrupted quant state: double-quant flag {dq}")
+
+        def get(name):
+            try:
+                return np.asarray(arrays[name])
+            except KeyError:
+                raise ValueError(f"corrupted quant state: missing array {name!r}") from None
+
+        kw = {}
+        if dq:
+            kw = dict(
+                absmax_codes=get("absmax_codes"),
+                absmax_scale=get("absmax_scale"),
+                absmax_offset=get("absmax_offset").reshape(()),
+            )
+        else:
+            kw = dict(absmax=get("absmax"))
+        state = cls(
+            shape=tuple(int(s) for s in shape),
+            quant_type=names[qid],
+            block_size=block,
+            dq_block_size=dq_block,
+            **kw,
+        )
+        return state.validate()
+
+
+def array_module(a):
+    """``cupy`` for a CuPy array, else ``numpy`` (CuPy is imported only when it is the answer)."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _is_array(a) -> bool:
+    return all(hasattr(a, attr) for attr in ("dtype", "ndim", "size", "shape", "nbytes"))
+
+
+def _check_array(name: str, a, dtype, length: int) -> None:
+    if not _is_array(a) or a.dtype != dtype or a.ndim != 1:
+        got = f"{a.dtype} array of shape {a.shape}" if _is_array(a) else type(a).__name__
+        raise ValueError(f"corrupted quant state: {name} must be a 1-D {np.dtype(dtype)} array, got {got}")
+    if a.size != length:
+        raise ValueError(f"corrupted quant state: {name} has {a.size} values, expected {length}")
+
+
+def _check_finite(name: str, a) -> None:
+    if a.size and not bool(array_module(a).isfinite(a).all()):
+        raise ValueError(f"corrupted quant state: {name} contains NaN or Inf")
+
+
+def check_packed(packed, state: QuantState) -> None:
+    """Raise ValueError unless ``packed`` is a 1-D uint8 array of ``ceil(n / 2)`` bytes."""
+    if getattr(packed, "dtype", None) != np.uint8 or getattr(packed, "ndim", None) != 1:
+        raise ValueError(
+            f"packed codes must be a 1-D uint8 array, got {getattr(packed, 'dtype', type(packed))} "
+            f"of shape {getattr(packed, 'shape', None)}"
+        )
+    if packed.size != state.n_bytes_packed:
+        raise ValueError(
+            f"packed codes have {packed.size} bytes, but shape {state.shape} needs "
+            f"{state.n_bytes_packed} (two 4-bit codes per byte)"
+        )
+
+
+def absmax_offset(absmax: np.ndarray) -> np.float32:
+    """Double-quant offset: float32(sum_f64(absmax) / n_blocks), 0 for no blocks (NumPy's sum)."""
+    if absmax.size == 0:
+        return np.float32(0.0)
+    return np.float32(np.sum(absmax, dtype=np.float64) / absmax.size)
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+@njit(cache=True, inline="always")
+def _bits_to_f32(bits):  # pragma: no cover - compiled
+    """The float32 whose bit pattern is ``bits`` (finite, sign bit clear), built exactly."""
+    e = np.int64(bits >> 23)
+    m = np.int64(bits & 0x7FFFFF)
+    if e == 0:
+        return np.float32(math.ldexp(np.float64(m), -149))
+    return np.float32(math.ldexp(np.float64(m | 0x800000), e - 150))
+
+
+# The kernels index with uint64: a signed index costs Numba a negative-index fix-up per access,
+# which blocks vectorisation of these short per-block loops (about 3x slower).
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _quantize4_kernel(x, block, thr, step, base, packed, absmax):  # pragma: no cover - compiled
+    """absmax[b] = max|x| over block b (NaN if it holds NaN/Inf); packed = nearest codes, two per
+    byte, first value in the high nibble. The code index of y is
+    ``base + sum_k step[k] * (y > thr[k])`` (telescoping to ``lut[#thresholds below y]``)."""
+    n = x.size
+    nb = absmax.size
+    xbits = x.view(np.uint32)
+    one = np.uint64(1)
+    for b in prange(nb):
+        s = np.uint64(b * block)
+        e = np.uint64(min(b * block + block, n))
+        mb = np.uint32(0)
+        for i in range(s, e):
+            mb = max(mb, xbits[i] & np.uint32(0x7FFFFFFF))
+        # |x| bit patterns order like the floats; 0x7f800000 and above are Inf and NaN
+        if mb >= np.uint32(0x7F800000):
+            absmax[b] = np.float32(np.nan)
+            continue
+        a = _bits_to_f32(mb)
+        absmax[b] = a
+        d = a if a > np.float32(0.0) else np.float32(1.0)
+        for j in range(s >> one, e >> one):
+            y0 = x[j << one] / d
+            y1 = x[(j << one) | one] / d
+            c0 = base
+            c1 = base
+            for k in range(_NTHR):  # constant trip count: unrolled and vectorised over j
+                t = thr[k]
+                w = step[k]
+                c0 += w if y0 > t else np.float32(0.0)
+                c1 += w if y1 > t else np.float32(0.0)
+            packed[j] = np.uint8((np.int32(c0) << 4) | np.int32(c1))
+        if (e - s) & one:  # odd tail of the last block: low nibble stays 0
+            y0 = x[e - one] / d
+            c0 = base
+            for k in range(_NTHR):
+                c0 += step[k] if y0 > thr[k] else np.float32(0.0)
+            packed[e >> one] = np.uint8(np.int32(c0) << 4)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _dequantize4_kernel(packed, absmax, block, code, out):  # pragma: no cover - compiled
+    """out[i] = code[nibble i] * absmax[i // block]."""
+    n = out.size
+    nb = absmax.size
+    one = np.uint64(1)
+    for b in prange(nb):
+        a = absmax[b]
+        s = np.uint64(b * block)
+        e = np.uint64(min(b * block + block, n))
+        for j in range(s >> one, e >> one):
+            q = packed[j]
+            out[j << one] = code[q >> 4] * a
+            out[(j << one) | one] = code[q & 15] * a
+        if (e - s) & one:
+            out[e - one] = code[packed[e >> one] >> 4] * a
+
+
+@njit(cache=True, nogil=True)
+def _quantize8_kernel(vals, offset, group, thr, codes, scale):  # pragma: no cover - compiled
+    """codes = nearest DQ8 byte of (vals - offset) / d per group; scale = max|vals - offset|."""
+    n = vals.size
+    ng = scale.size
+    nthr = thr.size
+    for g in range(ng):
+        s = g * group
+        e = min(s + group, n)
+        sc = np.float32(0.0)
+        for i in range(s, e):
+            v = abs(vals[i] - offset)
+            if v > sc:
+                sc = v
+        scale[g] = sc
+        d = sc if sc > np.float32(0.0) else np.float32(1.0)
+        for i in range(s, e):
+            u = (vals[i] - offset) / d
+            # DQ8 is linear, so rint(127 u) + 127 is within one step of the answer; the exact
+            # count of thresholds strictly below u is then found by walking the thresholds.
+            k = np.int64(u * np.float32(127.0) + np.float32(127.5))
+            k = min(max(k, 0), nthr)
+            while k < nthr and u > thr[k]:
+                k += 1
+            while k > 0 and not (u > thr[k - 1]):
+                k -= 1
+            codes[i] = k
+
+
+@njit(cache=True, nogil=True)
+def _dequantize8_kernel(codes, scale, offset, group, code8, out):  # pragma: no cover - compiled
+    """out[i] = float32(code8[codes[i]] * scale[i // group]) + offset."""
+    for i in range(codes.size):
+        t = code8[codes[i]] * scale[i // group]
+        out[i] = t + offset
+
+
+# ----------------------------------------------------------------------------------- public API
+
+
+def _as_float32(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"cannot quantize an array of dtype {x.dtype}; expected float32")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def quantize_4bit(
+    x, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False
+) -> tuple[np.ndarray, QuantState]:
+    """Blockwise 4-bit quantization: q = nearest(code, x / absmax_block), two codes per byte.
+
+    Returns ``(packed, state)``: ``packed`` is uint8 of length ceil(n/2) (first value in the high
+    nibble), ``state`` a :class:`QuantState`. Raises ValueError for a bad quant type or block size
+    and for NaN/Inf in ``x``.
+    """
+    check_quant_type(quant_type)
+    block = check_block_size(block_size)
+    x = _as_float32(x)
+    flat = x.reshape(-1)
+    n = flat.size
+    nb = _n_blocks(n, block)
+    packed = np.empty((n + 1) // 2, dtype=np.uint8)
+    absmax = np.empty(nb, dtype=np.float32)
+    thr, step, base = _STEPS[quant_type]
+    if n:
+        _quantize4_kernel(flat, block, thr, step, base, packed, absmax)
+        if not np.isfinite(absmax).all():
+            raise ValueError("input to quantize_4bit contains NaN or Inf")
+    state = QuantState(shape=tuple(x.shape), quant_type=quant_type, block_size=block, absmax=absmax)
+    if double_quant:
+        state = _double_quantize(state)
+    return packed, state
+
+
+def _double_quantize(state: QuantState) -> QuantState:
+    absmax = state.absmax
+    nb = absmax.size
+    offset = absmax_offset(absmax)
+    codes = np.empty(nb, dtype=np.uint8)
+    scale = np.empty(_n_blocks(nb, DQ_BLOCK_SIZE), dtype=np.float32)
+    _quantize8_kernel(absmax, offset, DQ_BLOCK_SIZE, _DQ8_THR, codes, scale)
+    return QuantState(
+        shape=state.shape,
+        quant_type=state.quant_type,
+        block_size=state.block_size,
+        absmax_codes=codes,
+        absmax_scale=scale,
+        absmax_offset=np.array(offset, dtype=np.float32),
+    )
+
+
+def dequantize_absmax(state: QuantState) -> np.ndarray:
+    """The per-block float32 absmax: stored, or rebuilt as DQ8_CODE[k] * scale + offset."""
+    if state.absmax is not None:
+        return np.ascontiguousarray(state.absmax)
+    out = np.empty(state.absmax_codes.size, dtype=np.float32)
+    offset = np.float32(state.absmax_offset.reshape(()))
+    codes = np.ascontiguousarray(state.absmax_codes)
+    scale = np.ascontiguousarray(state.absmax_scale)
+    _dequantize8_kernel(codes, scale, offset, DQ_BLOCK_SIZE, DQ8_CODE, out)
+    return out
+
+
+def dequantize_4bit(packed: np.ndarray, state: QuantState, out: np.ndarray | None = None) -> np.ndarray:
+    """x_hat = code[q] * absmax_block as float32 of ``state.shape``, written into ``out`` if given."""
+    state.validate()
+    check_packed(packed, state)
+    if out is None:
+        out = np.empty(state.shape, dtype=np.float32)
+    elif (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.float32
+        or out.shape != state.shape
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"out must be a writeable C-contiguous float32 array of shape {state.shape}, got "
+            f"{getattr(out, 'dtype', type(out))} of shape {getattr(out, 'shape', None)}"
+        )
+    if state.n:
+        absmax = dequantize_absmax(state)
+        _dequantize4_kernel(
+            np.ascontiguousarray(packed), absmax, state.block_size, state.code, out.reshape(-1)
+        )
+    return out
