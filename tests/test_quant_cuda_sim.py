@@ -64,8 +64,8 @@ SCRIPT = textwrap.dedent(
     for k in ("absmax_codes", "absmax_scale", "absmax_offset"):
         assert same(getattr(d1, k), getattr(d2, k)), k
     assert same(Q.dequantize_absmax(d1), C.dequantize_absmax(d2))
-    err = np.abs(C.dequantize_absmax(d2) - absmax)
-    assert err.max() < 12.0 / 254 * 1.01 and err[512:].max() < 1.0 / 254, err.max()
+    err = np.abs(C.dequantize_absmax(d2) - absmax)  # at most half a DQ8 step of the group's scale
+    assert np.all(err <= np.repeat(d2.absmax_scale, 256)[:600] / 254 * 1.0001 + 1e-6), err.max()
     cases += 1
 
     # exact ties go to the lower index, as on the CPU
