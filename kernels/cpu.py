@@ -324,3 +324,20 @@ def sgd_step(
     t = p.dtype.type
     b = buf.reshape(-1) if buf is not None else p.reshape(-1)[:0]
     _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first)
+
+
+# ------------------------------------------------------------------------------------ quantization
+
+
+def quantize_4bit(x: np.ndarray, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False):
+    """Blockwise 4-bit quantization (kernels.quant's Numba kernels); ``(packed, QuantState)``."""
+    from kernels import quant
+
+    return quant.quantize_4bit(x, quant_type=quant_type, block_size=block_size, double_quant=double_quant)
+
+
+def dequantize_4bit(packed: np.ndarray, state, out: np.ndarray | None = None) -> np.ndarray:
+    """x_hat = code[q] * absmax_block (kernels.quant's Numba kernels)."""
+    from kernels import quant
+
+    return quant.dequantize_4bit(packed, state, out)
