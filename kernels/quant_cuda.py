@@ -12,7 +12,9 @@ Arrays: CuPy arrays on a GPU (passed to the kernels through ``__cuda_array_inter
 CuPy arrays), or NumPy arrays under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before
 Numba is imported). ``numba.cuda`` is imported on first use only. On a real GPU the float32
 division, multiply and add go through libdevice's ``*_rn`` functions, so that no FMA contraction or
-approximate division can change a bit.
+approximate division can change a bit. (Checked by compiling every kernel to PTX for sm_90: the
+arithmetic is div.rn / mul.rn / add.rn, and the only fma is in a guess that an exact walk corrects.)
+Numba's CUDA target mistypes the builtin ``max``/``min``, so the kernels compare explicitly.
 """
 
 from __future__ import annotations
@@ -89,23 +91,25 @@ def _build_kernels() -> dict:
         return int32(c)
 
     @cuda.jit
-    def absmax_bits(xbits, n, block, out_bits):
+    def absmax_bits(xbits, n, shift, out_bits):
         """out_bits[b] = max over block b of the bits of |x| (one thread per byte)."""
         j = cuda.grid(1)
         i = 2 * j
         if i < n:
             m = uint32(xbits[i] & uint32(0x7FFFFFFF))
             if i + 1 < n:
-                m = max(m, uint32(xbits[i + 1] & uint32(0x7FFFFFFF)))
-            cuda.atomic.max(out_bits, i // block, m)
+                m2 = uint32(xbits[i + 1] & uint32(0x7FFFFFFF))
+                if m2 > m:  # (no builtin max: Numba's CUDA target mistypes it)
+                    m = m2
+            cuda.atomic.max(out_bits, i >> shift, m)
 
     @cuda.jit
-    def quantize4(x, n, block, absmax, thr, step, base, packed):
+    def quantize4(x, n, shift, absmax, thr, step, base, packed):
         """packed[j] = code(x[2j]) << 4 | code(x[2j+1]), code = nearest of x / absmax."""
         j = cuda.grid(1)
         i = 2 * j
         if i < n:
-            a = absmax[i // block]
+            a = absmax[i >> shift]
             d = a if a > float32(0.0) else float32(1.0)
             hi = code_index(div_rn(x[i], d), thr, step, base)
             lo = int32(0)
@@ -114,35 +118,35 @@ def _build_kernels() -> dict:
             packed[j] = uint8((hi << 4) | lo)
 
     @cuda.jit
-    def dequantize4(packed, n, block, absmax, code, out):
-        """out[i] = code[nibble i] * absmax[i // block] (one thread per value)."""
+    def dequantize4(packed, n, shift, absmax, code, out):
+        """out[i] = code[nibble i] * absmax[i >> shift] (one thread per value)."""
         i = cuda.grid(1)
         if i < n:
-            q = packed[i // 2]
-            if i % 2 == 0:
-                q = q >> 4
-            else:
-                q = q & 15
-            out[i] = mul_rn(code[q], absmax[i // block])
+            q = int32(packed[i >> 1])
+            nib = (q >> 4) if (i & 1) == 0 else (q & 15)
+            out[i] = mul_rn(code[nib], absmax[i >> shift])
 
     @cuda.jit
-    def dq_scale(absmax, nb, offset, group, scale):
+    def dq_scale(absmax, nb, offset, gshift, scale):
         """scale[g] = max |absmax - offset| over group g."""
         i = cuda.grid(1)
         if i < nb:
-            cuda.atomic.max(scale, i // group, abs(absmax[i] - offset))
+            cuda.atomic.max(scale, i >> gshift, abs(absmax[i] - offset))
 
     @cuda.jit
-    def dq_codes(absmax, nb, offset, group, scale, thr8, codes):
+    def dq_codes(absmax, nb, offset, gshift, scale, thr8, codes):
         """codes[i] = number of DQ8 thresholds strictly below (absmax - offset) / scale."""
         i = cuda.grid(1)
         if i < nb:
-            sc = scale[i // group]
+            sc = scale[i >> gshift]
             d = sc if sc > float32(0.0) else float32(1.0)
             u = div_rn(absmax[i] - offset, d)
             nthr = thr8.shape[0]
             k = int64(u * float32(127.0) + float32(127.5))  # a guess; the walk below is exact
-            k = min(max(k, 0), nthr)
+            if k < 0:
+                k = int64(0)
+            if k > nthr:
+                k = int64(nthr)
             while k < nthr and u > thr8[k]:
                 k += 1
             while k > 0 and not (u > thr8[k - 1]):
@@ -150,11 +154,11 @@ def _build_kernels() -> dict:
             codes[i] = uint8(k)
 
     @cuda.jit
-    def dq_absmax(codes, nb, group, scale, offset, code8, out):
-        """out[i] = float32(code8[codes[i]] * scale[i // group]) + offset, two roundings."""
+    def dq_absmax(codes, nb, gshift, scale, offset, code8, out):
+        """out[i] = float32(code8[codes[i]] * scale[i >> gshift]) + offset, two roundings."""
         i = cuda.grid(1)
         if i < nb:
-            out[i] = add_rn(mul_rn(code8[codes[i]], scale[i // group]), offset)
+            out[i] = add_rn(mul_rn(code8[codes[i]], scale[i >> gshift]), offset)
 
     return dict(
         absmax_bits=absmax_bits,
@@ -180,6 +184,11 @@ def _launch(kernel, count: int, *args) -> None:
         kernel[(count + tpb - 1) // tpb, tpb](*args)
 
 
+def _log2(block: int) -> int:
+    """Shift for a power-of-two block size (the kernels divide by shifting)."""
+    return int(block).bit_length() - 1
+
+
 def _simulated() -> bool:
     from numba import config
 
@@ -196,7 +205,11 @@ def _table(xp, name: str, host: np.ndarray):
 
 def _in(xp, a):
     """Mark a NumPy argument as input-only (no copy back; it may be read-only); CuPy passes as is."""
-    return cuda.In(a) if xp is np else a
+    if xp is not np:
+        return a
+    from numba import cuda as numba_cuda
+
+    return numba_cuda.In(a)
 
 
 def _code_book(quant_type: str) -> np.ndarray:
@@ -237,7 +250,7 @@ def quantize_4bit(x, quant_type: str = "nf4", block_size: int = 64, double_quant
     bits = xp.zeros(nb, dtype=xp.uint32)
     if n:
         k = _kernels()
-        _launch(k["absmax_bits"], packed.size, _in(xp, flat.view(xp.uint32)), n, block, bits)
+        _launch(k["absmax_bits"], packed.size, _in(xp, flat.view(xp.uint32)), n, _log2(block), bits)
         if bool((bits >= 0x7F800000).any()):
             raise ValueError("input to quantize_4bit contains NaN or Inf")
     absmax = bits.view(xp.float32)
@@ -248,7 +261,7 @@ def quantize_4bit(x, quant_type: str = "nf4", block_size: int = 64, double_quant
             packed.size,
             _in(xp, flat),
             n,
-            block,
+            _log2(block),
             absmax,
             _table(xp, quant_type + "_thr", thr),
             _table(xp, quant_type + "_step", step),
@@ -270,9 +283,9 @@ def _double_quantize(state: QuantState, xp) -> QuantState:
     codes = xp.empty(nb, dtype=xp.uint8)
     if nb:
         k = _kernels()
-        _launch(k["dq_scale"], nb, _in(xp, absmax), nb, offset, DQ_BLOCK_SIZE, scale)
+        _launch(k["dq_scale"], nb, _in(xp, absmax), nb, offset, _log2(DQ_BLOCK_SIZE), scale)
         _launch(
-            k["dq_codes"], nb, _in(xp, absmax), nb, offset, DQ_BLOCK_SIZE, _in(xp, scale),
+            k["dq_codes"], nb, _in(xp, absmax), nb, offset, _log2(DQ_BLOCK_SIZE), _in(xp, scale),
             _table(xp, "dq8_thr", DQ8_THRESHOLDS), codes,
         )
     return QuantState(
@@ -295,7 +308,7 @@ def dequantize_absmax(state: QuantState):
     out = xp.empty(nb, dtype=xp.float32)
     offset = np.float32(to_host(state.absmax_offset).reshape(()))
     _launch(
-        _kernels()["dq_absmax"], nb, _in(xp, codes), nb, DQ_BLOCK_SIZE, _in(xp, state.absmax_scale),
+        _kernels()["dq_absmax"], nb, _in(xp, codes), nb, _log2(DQ_BLOCK_SIZE), _in(xp, state.absmax_scale),
         offset,
         _table(xp, "dq8_code", DQ8_CODE), out,
     )
@@ -323,7 +336,7 @@ def dequantize_4bit(packed, state: QuantState, out=None):
     if n:
         absmax = dequantize_absmax(state)
         _launch(
-            _kernels()["dequantize4"], n, _in(xp, xp.ascontiguousarray(packed)), n, state.block_size,
+            _kernels()["dequantize4"], n, _in(xp, xp.ascontiguousarray(packed)), n, _log2(state.block_size),
             _in(xp, absmax),
             _table(xp, state.quant_type + "_code", _code_book(state.quant_type)), out.reshape(-1),
         )
