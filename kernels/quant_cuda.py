@@ -23,6 +23,8 @@ import numpy as np
 
 from kernels.quant import (
     DQ8_CODE,
+    FP4_CODE,
+    NF4_CODE,
     DQ8_THRESHOLDS,
     DQ_BLOCK_SIZE,
     QuantState,
@@ -213,13 +215,13 @@ def _in(xp, a):
 
 
 def _code_book(quant_type: str) -> np.ndarray:
-    from kernels.quant import FP4_CODE, NF4_CODE
-
     return NF4_CODE if quant_type == "nf4" else FP4_CODE
 
 
 def to_host(a):
-    """A NumPy copy of a device (CuPy) array; NumPy arrays are returned as they are."""
+    """A NumPy copy of a device (CuPy) array; NumPy arrays are returned as they are.
+
+    For a whole state: ``state.map_arrays(to_host)`` (and ``state.map_arrays(to_device)`` back)."""
     xp = array_module(a)
     return a if xp is np else xp.asnumpy(a)
 

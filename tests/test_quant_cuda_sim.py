@@ -111,3 +111,15 @@ def test_cuda_kernels_match_cpu_under_the_simulator():
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, out
     assert "OK 25 cases" in proc.stdout, out
+
+
+def test_importing_the_quant_modules_does_not_import_numba_cuda():
+    code = (
+        "import sys, kernels.quant, kernels.quant_ref, kernels.quant_cuda; "
+        "print(sorted(m for m in ('numba.cuda', 'cupy') if m in sys.modules))"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
