@@ -210,6 +210,41 @@ def infer(model_dir: str, samples: int, backend: str, dataset: str, data_dir: st
     _write_json(json_path, {"samples": rows, "sample_accuracy": right / n, "test_accuracy": acc, "model_dir": model_dir})
 
 
+@cli.command()
+@BACKEND
+@click.option("--models", default="small,medium", show_default=True, callback=lambda ctx, param, v: _split(v),
+              help="Comma-separated: small (784-512-256-10), medium (784-2048-1024-10).")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--quick", is_flag=True, default=False, help="Short loops (every section, less precision).")
+@click.option("--compare", default=None, help="torch: time the same models in PyTorch side by side (needs PyTorch).")
+@click.option("--epoch", is_flag=True, default=False,
+              help="Also time one epoch of the real train loop over MNIST (vs PyTorch with --compare torch).")
+@DATA_DIR
+@click.option("--forward-iters", type=int, default=None, help="Forward calls per variant (default 1000; --quick 100).")
+@click.option("--step-iters", type=int, default=None, help="Training steps per variant (default 200; --quick 30).")
+@click.option("--rounds", type=int, default=None, help="Interleaved rounds (default 10; --quick 5).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write bar charts to this PNG (needs matplotlib: pip install 'minitorch_peft[plot]').")
+@JSON
+def bench(json_path: str | None, plot_path: str | None, compare: str | None, **kwargs: Any) -> None:
+    """LoRA / DoRA / QLoRA vs full fine-tuning: parameters, memory and speed, all measured."""
+    from minitorch_peft.bench import BenchConfig, run
+    from minitorch_peft.bench.report import plot
+
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib, which is not installed: pip install 'minitorch_peft[plot]'") from None
+    cfg = BenchConfig(compare=_split(compare), **kwargs)
+    cfg.validate()
+    results = run(cfg, log=click.echo)
+    _write_json(json_path, results)
+    if plot_path:
+        plot(results, plot_path)
+        click.echo(f"\nPlot written to {plot_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; expected failures become one line on stderr and exit status 2 (130 on Ctrl-C)."""
     try:

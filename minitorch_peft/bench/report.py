@@ -1,0 +1,279 @@
+"""Text (and optional PNG) rendering of benchmark results. Works on the JSON-able results dict only, so a
+saved ``--json`` file renders the same way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+FORWARD_LABELS = {"full": "Full", "lora_unmerged": "LoRA (unmerged)", "lora_merged": "LoRA (merged)",
+                  "dora": "DoRA", "qlora": "QLoRA (NF4+DQ)"}
+STEP_LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (NF4+DQ)"}
+
+# (what, limit): the issue's speed targets, set for the small MLP at batch 64 on 2 threads
+TARGETS = (
+    ("LoRA step / PyTorch LoRA step", 0.85),
+    ("full step / PyTorch full step", 1.0),
+    ("LoRA unmerged forward / full forward", 1.3),
+    ("LoRA merged forward / full forward", 1.05),
+    ("DoRA step / LoRA step", 1.5),
+    ("QLoRA step / LoRA step", 1.3),
+    ("engine full step / hand-written NumPy full step", 1.15),
+    ("one training epoch (LoRA) / PyTorch", 1.0),
+    ("one training epoch (full) / PyTorch", 1.0),
+)
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.2f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def fmt_stats(s: dict[str, float] | None, unit: str = "ms") -> str:
+    if not s:
+        return "-"
+    return f"{_num(s['median'])} {unit} [{_num(s['min'])}-{_num(s['max'])}]"
+
+
+def _num(v: float) -> str:
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def header(res: dict[str, Any]) -> list[str]:
+    env, cfg = res["environment"], res["config"]
+    blas = env.get("blas", {})
+    blas_name = " ".join(str(blas[k]) for k in ("name", "version") if blas.get(k)) or "unknown BLAS"
+    lines = [
+        "🔥 minitorch_peft benchmark: LoRA vs full fine-tuning (every figure measured)",
+        "=" * 76,
+        f"backend {env['backend']} · NumPy {env['numpy']} · {blas_name} · {env['threads']} thread(s) "
+        f"({env['threads_source']}) · {env['cpu']}",
+    ]
+    if env.get("gpu"):
+        lines.append(f"GPU: {env['gpu']}")
+    load = env.get("load_average_start")
+    if load:
+        lines.append(f"machine load average at start: {' '.join(map(str, load))} on {env['cpu_count']} CPU(s)")
+    torch = res.get("compare", {}).get("torch")
+    if torch:
+        lines.append(f"compared with PyTorch {torch['version']} on {torch['device']}, {torch['threads']} thread(s), "
+                     "same weights, batch and Adam settings")
+    lines.append(
+        f"timings: median [min-max] per call over {cfg['rounds']} interleaved rounds after warm-up "
+        f"(forward {cfg['forward_iterations']} calls, step {cfg['step_iterations']} calls per variant); "
+        "ratios compare medians"
+    )
+    return lines
+
+
+def model_section(name: str, res: dict[str, Any]) -> list[str]:
+    m = res["models"][name]
+    torch = res.get("compare", {}).get("torch", {}).get("models", {}).get(name)
+    p, mem = m["params"], m["memory_bytes"]
+    full = p["full"]
+    lines = ["", f"📊 {name.capitalize()} model: {' → '.join(map(str, m['dims']))} "
+                 f"(batch {m['batch_size']}, float32, LoRA r={res['config']['rank']} alpha={res['config']['alpha']:g} "
+                 "on every Linear)", ""]
+    lines += [
+        "  Parameters (counted from the live arrays):",
+        f"    Full model:           {full:>11,}",
+        f"    LoRA total:           {p['lora_total']:>11,}",
+        f"    LoRA trainable:       {p['lora_trainable']:>11,}  ({p['lora_trainable'] / full:.2%} of full)",
+        f"    LoRA frozen:          {p['lora_frozen']:>11,}  ({p['lora_frozen'] / full:.2%} of full)",
+        "",
+        "  Memory (read from the arrays):",
+        f"    Full model (fp32):    {fmt_bytes(mem['full_fp32']):>11}",
+        f"    LoRA total:           {fmt_bytes(mem['lora_total']):>11}",
+        f"    LoRA trainable:       {fmt_bytes(mem['lora_trainable']):>11}  (only these get gradients)",
+        "    Gradients after a backward pass:",
+        f"      Full fine-tuning:   {fmt_bytes(mem['grad_full']):>11}",
+        f"      LoRA:               {fmt_bytes(mem['grad_lora']):>11}  ({_saving(mem['grad_lora'], mem['grad_full'])})",
+        "    Adam state:",
+        f"      Full fine-tuning:   {fmt_bytes(mem['optimizer_full']):>11}",
+        f"      LoRA:               {fmt_bytes(mem['optimizer_lora']):>11}  ({_saving(mem['optimizer_lora'], mem['optimizer_full'])})",
+        f"    Peak of one training step ({m['peak_method']}; activations, gradients, temporaries):",
+    ]
+    for k in ("full", "lora", "dora", "qlora"):
+        v = mem.get(f"peak_step_{k}")
+        note = m.get("skipped", {}).get(k)
+        lines.append(f"      {STEP_LABELS[k] + ':':<19} {fmt_bytes(v) if v is not None else '(' + str(note) + ')':>11}")
+    lines.append("    Frozen base in 4 bits (NF4, block 64; biases stay fp32):")
+    if mem.get("base_nf4") is None:
+        lines.append("      (not available: kernels/quant.py missing)")
+    else:
+        lines.append(f"      NF4:                {fmt_bytes(mem['base_nf4']):>11}  ({mem['base_nf4'] / mem['full_fp32']:.1%} of fp32)")
+        lines.append(f"      NF4 + double quant: {fmt_bytes(mem['base_nf4_dq']):>11}  ({mem['base_nf4_dq'] / mem['full_fp32']:.1%} of fp32)")
+        lines.append(f"      + LoRA adapters:    {fmt_bytes(mem['base_nf4_dq'] + mem['lora_trainable']):>11}  "
+                     f"(QLoRA total; {1 - (mem['base_nf4_dq'] + mem['lora_trainable']) / mem['full_fp32']:.1%} "
+                     "smaller than the fp32 model)")
+    cfg = res["config"]
+    lines += ["", f"  Forward pass, inference ({cfg['forward_iterations']} calls per variant):"]
+    lines += _timing_rows(m["forward_ms"], m["ratios"]["forward_vs_full"], FORWARD_LABELS, m.get("skipped", {}),
+                          torch and torch["forward_ms"], torch and torch["ratio"]["forward_ms"], source=_FWD_SOURCE)
+    lines += ["", f"  Training step: forward + loss + backward + Adam ({cfg['step_iterations']} steps per variant):"]
+    lines += _timing_rows(m["train_step_ms"], m["ratios"]["train_step_vs_full"], STEP_LABELS, m.get("skipped", {}),
+                          torch and torch["train_step_ms"], torch and torch["ratio"]["train_step_ms"])
+    lora = m["train_step_ms"]["lora"]["median"]
+    for k in ("dora", "qlora"):
+        if k in m["train_step_ms"]:
+            lines.append(f"    {STEP_LABELS[k]} step / LoRA step: {m['ratios']['train_step_vs_lora'][k]:.2f}x")
+    ref, eo = m["reference_step_ms"], m["engine_overhead"]
+    lines += [
+        "",
+        "  Engine overhead: the same steps written by hand in plain array code (no autograd), interleaved above:",
+        f"    Full step, engine:            {fmt_stats(m['train_step_ms']['full'])}",
+        f"    Full step, by hand:           {fmt_stats(ref['hand_full'])}   engine / hand: "
+        f"{fmt_ratio(eo['full_step_engine_over_hand'])}  (target <= 1.15)",
+        f"    LoRA step, by hand (floor):   {fmt_stats(ref['hand_lora'])}   engine LoRA step / floor: "
+        f"{fmt_ratio(eo['lora_step_engine_over_hand'])}  ({lora:.3f} ms)",
+    ]
+    return lines
+
+
+_FWD_SOURCE = {"lora_unmerged": "lora", "lora_merged": "lora"}
+
+
+def _timing_rows(ours: dict[str, Any], vs_full: dict[str, Any], labels: dict[str, str], skipped: dict[str, str],
+                 torch: dict[str, Any] | None, vs_torch: dict[str, Any] | None,
+                 source: dict[str, str] | None = None) -> list[str]:
+    head = f"    {'':<20} {'ours (ms)':<26} {'vs full':>7}"
+    if torch is not None:
+        head += f"   {'PyTorch (ms)':<26} {'ours/torch':>10}"
+    rows = [head]
+    for k, label in labels.items():
+        if k not in ours:
+            note = skipped.get((source or {}).get(k, k)) or skipped.get(k) or "not measured"
+            rows.append(f"    {label + ':':<20} ({note})")
+            continue
+        row = f"    {label + ':':<20} {fmt_stats(ours[k], ''):<26} {fmt_ratio(vs_full.get(k)):>7}"
+        if torch is not None:
+            if k in torch:
+                row += f"   {fmt_stats(torch[k], ''):<26} {fmt_ratio(vs_torch.get(k)):>10}"
+            else:
+                row += "   (not compared)"
+        rows.append(row)
+    return rows
+
+
+def _saving(small: int, big: int) -> str:
+    if not big:
+        return "n/a"
+    return f"{1 - small / big:.1%} less"
+
+
+def quant_section(res: dict[str, Any]) -> list[str]:
+    q = res["quant"]
+    lines = ["", "🧮 NF4 quantization throughput (block 64, double quant; GB/s of float32 weights):"]
+    if "skipped" in q:
+        return lines + [f"    ({q['skipped']})"]
+    lines.append(f"    {'shape':<12} {'quantize (GB/s)':<28} {'dequantize (GB/s)':<28}")
+    for label in q["quantize_gbps"]:
+        lines.append(f"    {label:<12} {fmt_stats(q['quantize_gbps'][label], ''):<28} "
+                     f"{fmt_stats(q['dequantize_gbps'][label], ''):<28}")
+    return lines
+
+
+def epoch_section(res: dict[str, Any]) -> list[str]:
+    e = res["epoch"]
+    lines = ["", f"⏱  One epoch of `cli.py train` ({e['samples']:,} MNIST images, batch {e['batch_size']}, Adam lr "
+                 f"{e['lr']:g}; the real training loop, evaluation excluded; {e['rounds']} interleaved round(s)):"]
+    head = f"    {'method':<8} {'ours (s)':<24}"
+    has_torch = any("torch" in v for v in e["methods"].values())
+    if has_torch:
+        head += f" {'PyTorch (s)':<24} {'ours/torch':>10}"
+    lines.append(head)
+    for method, v in e["methods"].items():
+        row = f"    {method:<8} {fmt_stats(v['ours_s'], ''):<24}"
+        if "torch" in v:
+            row += f" {fmt_stats(v['torch_s'], ''):<24} {fmt_ratio(v['ratio']):>10}"
+        lines.append(row)
+    return lines
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each speed target with its measured value, per model (the targets were set for the small MLP)."""
+    out: list[dict[str, Any]] = []
+    torch = res.get("compare", {}).get("torch", {}).get("models", {})
+    for name, m in res["models"].items():
+        t = torch.get(name, {}).get("ratio", {})
+        values = {
+            TARGETS[0][0]: t.get("train_step_ms", {}).get("lora"),
+            TARGETS[1][0]: t.get("train_step_ms", {}).get("full"),
+            TARGETS[2][0]: m["ratios"]["forward_vs_full"].get("lora_unmerged"),
+            TARGETS[3][0]: m["ratios"]["forward_vs_full"].get("lora_merged"),
+            TARGETS[4][0]: m["ratios"]["train_step_vs_lora"].get("dora"),
+            TARGETS[5][0]: m["ratios"]["train_step_vs_lora"].get("qlora"),
+            TARGETS[6][0]: m["engine_overhead"]["full_step_engine_over_hand"],
+        }
+        for what, limit in TARGETS[:7]:
+            v = values[what]
+            out.append({"model": name, "what": what, "limit": limit, "value": v,
+                        "met": None if v is None else bool(v <= limit)})
+    e = res.get("epoch", {}).get("methods", {})
+    for (what, limit), method in zip(TARGETS[7:], ("lora", "full")):
+        v = e.get(method, {}).get("ratio")
+        if v is not None:
+            out.append({"model": "small", "what": what, "limit": limit, "value": v, "met": bool(v <= limit)})
+    return out
+
+
+def targets_section(res: dict[str, Any]) -> list[str]:
+    lines = ["", "🎯 Speed targets (set for the small MLP; medians, measured side by side in this run):"]
+    for t in res["targets"]:
+        if t["value"] is None:
+            mark, value = "·", "not measured" + (" (needs --compare torch)" if "PyTorch" in t["what"] else "")
+        else:
+            mark, value = ("✓" if t["met"] else "✗"), f"{t['value']:.2f}x"
+        lines.append(f"    {mark} [{t['model']}] {t['what']}: {value} (target <= {t['limit']:g}x)")
+    end = res["environment"].get("load_average_end")
+    if end:
+        lines.append(f"machine load average at end: {' '.join(map(str, end))}")
+    return lines
+
+
+def plot(res: dict[str, Any], path: str) -> None:
+    """Bar charts of the forward and training-step medians (min-max as error bars), PyTorch beside ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["models"])
+    torch = res.get("compare", {}).get("torch", {}).get("models", {})
+    fig, axes = plt.subplots(len(names), 2, figsize=(12, 3.6 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        m = res["models"][name]
+        for col, (key, labels, title) in enumerate((("forward_ms", FORWARD_LABELS, "forward"),
+                                                    ("train_step_ms", STEP_LABELS, "training step"))):
+            ax = axes[row][col]
+            ks = [k for k in labels if k in m[key]]
+            xs = list(range(len(ks)))
+            series = [("minitorch_peft", m[key])]
+            if name in torch:
+                series.append(("PyTorch", torch[name][key]))
+            width = 0.8 / len(series)
+            for i, (label, data) in enumerate(series):
+                med = [data[k]["median"] if k in data else 0.0 for k in ks]
+                lo = [data[k]["median"] - data[k]["min"] if k in data else 0.0 for k in ks]
+                hi = [data[k]["max"] - data[k]["median"] if k in data else 0.0 for k in ks]
+                ax.bar([x + i * width for x in xs], med, width, yerr=[lo, hi], capsize=3, label=label)
+            ax.set_xticks([x + width * (len(series) - 1) / 2 for x in xs])
+            ax.set_xticklabels([labels[k] for k in ks], rotation=15)
+            ax.set_ylabel("ms per call (median, min-max)")
+            ax.set_title(f"{name} {' → '.join(map(str, m['dims']))}: {title}")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

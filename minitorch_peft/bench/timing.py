@@ -1,0 +1,95 @@
+"""Interleaved timing: every case runs once per round, in a rotating order, and each round gives one sample.
+
+On a shared machine the load changes from second to second. Timing case A for ten seconds and then case B
+for ten seconds compares two different machines; running a short block of every case in each round, and
+taking the median over rounds, compares them under the same conditions. The order rotates from round to
+round so no case is always first after a switch (cold caches, another thread pool still spinning).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Stats:
+    """Milliseconds per call: the median, min and max over rounds, and every round's value."""
+
+    median: float
+    min: float
+    max: float
+    rounds: list[float] = field(default_factory=list)
+    calls: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median": round(self.median, 6), "min": round(self.min, 6), "max": round(self.max, 6)}
+
+    @classmethod
+    def of(cls, samples: list[float], calls: int = 0) -> "Stats":
+        if not samples:
+            raise ValueError("no samples")
+        return cls(statistics.median(samples), min(samples), max(samples), list(samples), calls)
+
+
+Case = Callable[[], object]
+
+
+def interleaved(
+    cases: dict[str, Case],
+    iterations: int,
+    rounds: int,
+    warmup: int = 3,
+    sync: Callable[[], None] | None = None,
+    syncs: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, Stats]:
+    """Time every case for ``iterations`` calls in all, split over ``rounds`` interleaved rounds.
+
+    Each case is first called ``warmup`` times (JIT compilation, optimizer state, BLAS buffers). ``sync``
+    (or the per-case ``syncs[name]``) runs after each timed block and is timed with it: on a GPU the
+    calls only queue work, which must finish before the clock stops. The garbage collector stays on (a
+    real training loop pays for it too, and an engine that makes many Python objects pays more); a full
+    collection runs before each round, so a round starts from the same clean state.
+    """
+    if not cases:
+        return {}
+    if iterations < 1 or rounds < 1:
+        raise ValueError(f"iterations and rounds must be >= 1, got {iterations}, {rounds}")
+    rounds = min(rounds, iterations)
+    per_round = max(1, iterations // rounds)
+    names = list(cases)
+    syncs = syncs or {}
+
+    def sync_of(name: str) -> Callable[[], None] | None:
+        return syncs.get(name, sync)
+
+    for name in names:
+        fn = cases[name]
+        for _ in range(warmup):
+            fn()
+        s = sync_of(name)
+        if s is not None:
+            s()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        gc.collect()
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            fn, s = cases[name], sync_of(name)
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            if s is not None:
+                s()
+            samples[name].append((time.perf_counter() - t0) * 1e3 / per_round)
+    return {name: Stats.of(samples[name], per_round * rounds) for name in names}
+
+
+def ratio(a: Stats | None, b: Stats | None) -> float | None:
+    """median(a) / median(b), or None if either is missing."""
+    if a is None or b is None or b.median <= 0:
+        return None
+    return a.median / b.median

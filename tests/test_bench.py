@@ -1,0 +1,244 @@
+"""cli.py bench: the JSON's shape and the invariants that hold whatever the timing; the references it
+compares against (hand-written step, PyTorch models) compute what our engine computes. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minitorch_peft.backend import get_backend
+from minitorch_peft.bench import numpy_ref, runner, variants
+from minitorch_peft.bench.timing import Stats, interleaved
+from minitorch_peft.peft.model import lora_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [784, 512, 256, 10]
+
+
+def have(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------------ the real command
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One `bench --quick --models small --json` run (with --compare torch when PyTorch is installed)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = ["bench", "--quick", "--models", "small", "--json", str(out)]
+    if have("torch"):
+        args += ["--compare", "torch"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_params_are_counted_exactly(quick: tuple[dict, str]) -> None:
+    p = quick[0]["models"]["small"]["params"]
+    assert p == {"full": 535_818, "lora_total": 535_818 + 18_640, "lora_trainable": 18_640, "lora_frozen": 535_818}
+    assert p["lora_trainable"] < p["lora_total"]
+
+
+def test_memory_invariants(quick: tuple[dict, str]) -> None:
+    m = quick[0]["models"]["small"]["memory_bytes"]
+    for key in ("full_fp32", "lora_total", "lora_trainable", "grad_full", "grad_lora", "optimizer_full",
+                "optimizer_lora", "base_nf4", "base_nf4_dq", "peak_step_full", "peak_step_lora", "peak_step_qlora"):
+        assert key in m, key
+    assert m["full_fp32"] == 535_818 * 4 and m["lora_trainable"] == 18_640 * 4
+    assert m["lora_total"] == m["full_fp32"] + m["lora_trainable"]
+    assert m["grad_full"] == m["full_fp32"]  # every parameter got a float32 gradient
+    assert m["grad_lora"] == m["lora_trainable"] < m["grad_full"]  # only the adapters did
+    assert m["optimizer_full"] == 2 * m["grad_full"] and m["optimizer_lora"] == 2 * m["grad_lora"]  # Adam: m and v
+    assert m["base_nf4_dq"] < m["base_nf4"] < m["full_fp32"]
+    assert 0 < m["peak_step_lora"] < m["peak_step_full"]
+    if m["peak_step_qlora"] is not None:
+        assert m["peak_step_qlora"] > 0
+
+
+def _is_stats(s: object) -> bool:
+    return (isinstance(s, dict) and set(s) == {"median", "min", "max"}
+            and 0 < s["min"] <= s["median"] <= s["max"])
+
+
+def test_timing_maps(quick: tuple[dict, str]) -> None:
+    res = quick[0]
+    m = res["models"]["small"]
+    skipped = m.get("skipped", {})
+    for k in ("full", "lora_unmerged", "lora_merged", "dora", "qlora"):
+        src = {"lora_unmerged": "lora", "lora_merged": "lora"}.get(k, k)
+        assert _is_stats(m["forward_ms"][k]) if src not in skipped else k not in m["forward_ms"], k
+    for k in ("full", "lora", "dora", "qlora"):
+        assert _is_stats(m["train_step_ms"][k]) if k not in skipped else k not in m["train_step_ms"], k
+    assert all(_is_stats(s) for s in m["reference_step_ms"].values()) and set(m["reference_step_ms"]) == {"hand_full", "hand_lora"}
+    assert m["ratios"]["forward_vs_full"]["full"] == 1.0
+    assert m["engine_overhead"]["full_step_engine_over_hand"] > 0
+    q = res["quant"]
+    for op in ("quantize_gbps", "dequantize_gbps"):
+        assert set(q[op]) == {"4096x4096", "2048x784"} and all(_is_stats(s) for s in q[op].values())
+    env = res["environment"]
+    assert env["backend"] == "numpy" and env["threads"] >= 1 and env["cpu"] and env["numpy"] and env["blas"]
+    assert any(t["what"].startswith("engine full step") for t in res["targets"])
+
+
+@pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
+def test_compare_torch_maps(quick: tuple[dict, str]) -> None:
+    res, stdout = quick
+    t = res["compare"]["torch"]
+    assert t["threads"] == res["environment"]["threads"]
+    s = t["models"]["small"]
+    assert set(s["forward_ms"]) == {"full", "lora_unmerged", "lora_merged", "dora"} - set(res["models"]["small"].get("skipped", {}))
+    assert set(s["train_step_ms"]) == {"full", "lora", "dora"} - set(res["models"]["small"].get("skipped", {}))
+    assert all(_is_stats(v) for v in list(s["forward_ms"].values()) + list(s["train_step_ms"].values()))
+    for kind in ("forward_ms", "train_step_ms"):
+        assert set(s["ratio"][kind]) == set(s[kind]) and all(r > 0 for r in s["ratio"][kind].values())
+    assert "ours/torch" in stdout
+
+
+def test_report_sections(quick: tuple[dict, str]) -> None:
+    out = quick[1]
+    for needle in ("Parameters", "Memory", "Forward pass", "Training step", "Engine overhead", "NF4 quantization",
+                   "535,818", "18,640", "Speed targets"):
+        assert needle in out, needle
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_compare_torch_without_torch_is_one_line(tmp_path: Path) -> None:
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named torch')\n")
+    proc = run_cli("bench", "--quick", "--models", "small", "--compare", "torch",
+                   env={"PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    one_line_error(proc, "needs PyTorch")
+
+
+def test_bad_flags_are_one_line() -> None:
+    one_line_error(run_cli("bench", "--models", "huge"), "unknown model")
+    one_line_error(run_cli("bench", "--compare", "jax"), "--compare")
+    one_line_error(run_cli("bench", "--rounds", "0"), "--rounds")
+
+
+@pytest.mark.skipif(have("matplotlib"), reason="matplotlib is installed")
+def test_plot_without_matplotlib_is_one_line(tmp_path: Path) -> None:
+    one_line_error(run_cli("bench", "--quick", "--plot", str(tmp_path / "b.png")), "matplotlib")
+
+
+@pytest.mark.skipif(not have("matplotlib"), reason="matplotlib not installed")
+def test_plot_writes_png(tmp_path: Path) -> None:
+    from minitorch_peft.bench.report import plot
+
+    s = {"median": 1.0, "min": 0.9, "max": 1.2}
+    res = {"models": {"small": {"dims": SMALL, "forward_ms": {"full": s, "lora_unmerged": s},
+                                "train_step_ms": {"full": s, "lora": s}}},
+           "compare": {"torch": {"models": {"small": {"forward_ms": {"full": s}, "train_step_ms": {"lora": s}}}}}}
+    plot(res, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ the references
+
+
+def _engine_and_hand(kind: str) -> tuple[variants.Variant, numpy_ref.HandMLP]:
+    be = get_backend("numpy")
+    v = variants.build(kind, SMALL, be, seed=3)
+    full = variants.build("full", SMALL, be, seed=3).model
+    hands = runner._hand_models(full, v.model if kind == "lora" else variants.build("lora", SMALL, be, 3).model, be)
+    return v, hands[kind]
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_hand_written_step_does_the_engines_arithmetic(kind: str) -> None:
+    v, hand = _engine_and_hand(kind)
+    x, y, xh, yh = variants.batch(SMALL, 64, get_backend("numpy"), seed=5)
+    step = variants.step_call(v, x, y)
+    for _ in range(3):
+        loss = step()
+        hand_loss = hand.step(xh, yh)
+        np.testing.assert_allclose(float(loss.data), float(hand_loss), rtol=1e-5)
+    ours = [p.data for p in v.optimizer.param_groups[0]["params"]]
+    assert len(ours) == len(hand.opt.params)
+    for a, b in zip(ours, hand.opt.params):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # Adam turns tiny gradient rounding into up to lr-sized steps
+    np.testing.assert_allclose(variants.forward_call(v.model, x)().data, hand.forward(xh), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
+@pytest.mark.parametrize("kind", ["full", "lora", "lora_merged", "dora"])
+def test_torch_models_compute_what_ours_compute(kind: str) -> None:
+    import torch
+
+    from minitorch_peft.bench import torch_ref
+
+    be = get_backend("numpy")
+    v = variants.build("lora" if kind == "lora_merged" else kind, SMALL, be, seed=7)
+    if not v.available:
+        pytest.skip(v.note)
+    x, y, xh, yh = variants.batch(SMALL, 16, be, seed=1)
+    tmodel, topt = torch_ref.build_model(v.model, kind, "cpu")
+    ours = variants.forward_call(v.model, x)().data
+    with torch.no_grad():
+        theirs = tmodel(torch.from_numpy(xh)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    if kind == "lora_merged":
+        return
+    loss = variants.step_call(v, x, y)()  # one training step each: same loss, same updated outputs
+    tloss = torch_ref.step_call(tmodel, topt, torch.from_numpy(xh), torch.from_numpy(yh))()
+    np.testing.assert_allclose(float(loss.data), float(tloss.detach()), rtol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(variants.forward_call(v.model, x)().data, tmodel(torch.from_numpy(xh)).numpy(),
+                                   rtol=1e-3, atol=1e-4)
+    n_ours = sum(p.size for p in v.model.parameters() if p.requires_grad)
+    assert n_ours == sum(p.numel() for p in tmodel.parameters() if p.requires_grad)
+
+
+def test_merged_variant_matches_unmerged() -> None:
+    be = get_backend("numpy")
+    x, *_ = variants.batch(SMALL, 8, be, seed=2)
+    a = variants.forward_call(variants.build("lora", SMALL, be, 4).model, x)().data
+    b = variants.forward_call(variants.build("lora_merged", SMALL, be, 4).model, x)().data
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    layer = next(lora_layers(variants.build("lora", SMALL, be, 4).model))[1]
+    assert np.abs(layer.lora_B[layer.active_adapter].data).max() > 0  # adapters really act in the benchmark
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def test_interleaved_runs_every_case_the_same_number_of_times() -> None:
+    calls: list[str] = []
+    stats = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                        iterations=12, rounds=3, warmup=2)
+    assert calls.count("a") == calls.count("b") == 2 + 12
+    assert calls[4:8] == ["a"] * 4 and calls[8:12] == ["b"] * 4  # round 0: a then b
+    assert calls[12:16] == ["b"] * 4  # round 1 starts with b: the order rotates
+    assert all(isinstance(s, Stats) and len(s.rounds) == 3 and s.min <= s.median <= s.max for s in stats.values())
+
+
+def test_peak_step_bytes_counts_numpy_allocations() -> None:
+    be = get_backend("numpy")
+    n = variants.peak_step_bytes(lambda: np.ones(1 << 20, dtype=np.float32).sum(), be)
+    assert 4 << 20 <= n < 5 << 20
