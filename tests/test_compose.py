@@ -70,6 +70,23 @@ def test_cat_output_is_exactly_the_weighted_sum_of_the_adapters_outputs() -> Non
         np.testing.assert_allclose(layer_out(model, "c", layer), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_cat_with_per_module_ranks_scales_each_block_for_its_layer() -> None:
+    """fc2's ranks (1 + 2 = 3) differ from fc1's (3 + 4 = 7): fc2's new scaling is 7/3, not 1."""
+    manual_seed(0)
+    model = MLP([12, 9, 5], dtype=np.float64)
+    inject_adapters(model, r=3, lora_alpha=5, adapter_name="a", target_modules=["fc1", "fc2"], rank_pattern={"fc2": 1})
+    add_adapter(model, "b", LoraConfig(r=4, lora_alpha=3, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 2}))
+    g = rng(2)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            p.data[...] = g.standard_normal(p.shape)
+    config = combine_adapters(model, ["a", "b"], [0.3, 1.2], "c", "cat")
+    assert config.rank_pattern == {"fc2": 3} and model.fc2.scaling("c") == pytest.approx(7 / 3)
+    base = layer_out(model, None, "fc2")
+    expected = base + 0.3 * (layer_out(model, "a", "fc2") - base) + 1.2 * (layer_out(model, "b", "fc2") - base)
+    np.testing.assert_allclose(layer_out(model, "c", "fc2"), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_svd_at_full_rank_reproduces_the_update_and_truncates_optimally() -> None:
     model = two_adapters()
     weights = [0.5, 1.5]
@@ -125,18 +142,18 @@ def test_magnitude_prune_keeps_the_largest_entries() -> None:
 
 
 def test_ties_merge_on_hand_made_matrices() -> None:
-    d1 = np.array([[1.0, -2.0], [3.0, 0.0]])
-    d2 = np.array([[2.0, 1.0], [-1.0, 0.0]])
-    d3 = np.array([[-4.0, 3.0], [-1.0, 0.0]])
+    d1 = np.array([[1.0, -2.0, 0.0], [3.0, 2.0, 0.0]])
+    d2 = np.array([[2.0, 1.0, 0.0], [-1.0, -2.0, 0.0]])
+    d3 = np.array([[-4.0, 3.0, 0.0], [-1.0, 0.0, 0.0]])
     w = [1.0, 2.0, 0.5]
-    # elected signs from the sum: [[-1 -> sum -1: -], [2: +]], [[1: +], [0: + (ties go to +)]]
-    # [0,0]: only d3 agrees -> 0.5 * -4 / 1; [0,1]: d2, d3 agree -> (2*1 + 0.5*3) / 2
-    # [1,0]: only d1 agrees -> 1 * 3 / 1; [1,1]: nobody (zeros never agree) -> 0
-    expected = np.array([[-2.0, 1.75], [3.0, 0.0]])
+    # elected signs from the unweighted sums [[-1, 2, 0], [1, 0, 0]]: [[-, +, +], [+, +, +]] (a zero sum elects +)
+    # [0,0]: only d3 agrees -> 0.5 * -4 / 1;  [0,1]: d2, d3 agree -> (2*1 + 0.5*3) / 2;  [0,2]: nobody -> 0
+    # [1,0]: only d1 agrees -> 1 * 3 / 1;  [1,1]: only d1 (+) agrees -> 1 * 2 / 1;  [1,2]: zeros never agree -> 0
+    expected = np.array([[-2.0, 1.75, 0.0], [3.0, 2.0, 0.0]])
     np.testing.assert_allclose(ties_merge([d1, d2, d3], w), expected)
-    # with trimming first (density 0.5 keeps the 2 largest of 4 entries of each)
+    # with trimming first (density 0.5 keeps the 3 largest of 6 entries of each)
     t = [magnitude_prune(d, 0.5) for d in (d1, d2, d3)]
-    np.testing.assert_array_equal(t[0], [[0, -2.0], [3.0, 0]])
+    np.testing.assert_array_equal(t[0], [[0, -2.0, 0], [3.0, 2.0, 0]])
     np.testing.assert_allclose(combine_deltas([d1, d2, d3], w, "ties", density=0.5), ties_merge(t, w))
 
 
