@@ -338,8 +338,11 @@ def test_cli_cupy_missing_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pyte
 
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
     monkeypatch.setattr(backend_module, "_cache", {})
-    for argv in (["train", "--backend", "cupy", "--epochs", "1", "--limit", "10", "--output", str(tmp_path / "o")],
-                 ["infer", "--backend", "cupy", "--model-dir", str(tmp_path / "none")]):
+    commands = [["train", "--backend", "cupy", "--epochs", "1", "--limit", "10", "--output", str(tmp_path / "o")],
+                ["infer", "--backend", "cupy", "--model-dir", str(tmp_path / "none")]]
+    if "bench" in cli.cli.commands:
+        commands.append(["bench", "--backend", "cupy", "--quick"])
+    for argv in commands:
         assert cli.main(argv) != 0
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
