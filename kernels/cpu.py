@@ -254,16 +254,18 @@ def to_numpy(a: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------------- optimizers
 
 
-# error_model="numpy": no Python ZeroDivisionError checks inside the loop, which lets LLVM vectorise it
+# error_model="numpy": no Python ZeroDivisionError checks inside the loop, which lets LLVM vectorise it.
+# Every constant arrives as the array's dtype and np.sqrt keeps it: an int literal (1 - beta1) or math.sqrt
+# would promote float32 to float64 inside the loop, which also stops vectorisation (3.4x slower).
 @njit(cache=True, nogil=True, error_model="numpy")
-def _adam_kernel(p, g, m, v, step_size, beta1, beta2, eps, bc2_sqrt, decay):  # pragma: no cover - JIT
+def _adam_kernel(p, g, m, v, step_size, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, bc2_sqrt, decay):  # pragma: no cover - JIT
     for i in range(p.size):
         gi = g[i]
-        mi = beta1 * m[i] + (1 - beta1) * gi
-        vi = beta2 * v[i] + (1 - beta2) * gi * gi
+        mi = beta1 * m[i] + one_minus_beta1 * gi
+        vi = beta2 * v[i] + one_minus_beta2 * gi * gi
         m[i] = mi
         v[i] = vi
-        p[i] = p[i] * decay - step_size * mi / (math.sqrt(vi) / bc2_sqrt + eps)
+        p[i] = p[i] * decay - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
 
 
 def adam_step(
@@ -298,7 +300,8 @@ def adam_step(
     decay = 1.0 - lr * weight_decay if (weight_decay and decoupled) else 1.0
     _adam_kernel(
         p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-        t(lr / (1.0 - beta1**step)), t(beta1), t(beta2), t(eps), t(math.sqrt(1.0 - beta2**step)), t(decay),
+        t(lr / (1.0 - beta1**step)), t(beta1), t(beta2), t(1.0 - beta1), t(1.0 - beta2), t(eps),
+        t(math.sqrt(1.0 - beta2**step)), t(decay),
     )
 
 
