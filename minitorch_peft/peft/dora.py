@@ -63,7 +63,7 @@ def init_magnitude(layer: "LoRALinear") -> Any:
     Computed by the same kernel as the forward's norm, so m / n is exactly 1 at initialisation.
     """
     name = next(reversed(layer.configs))  # add_adapter registers the config just before calling this
-    return weight_norm(layer, name).copy()
+    return weight_norm(layer, name)  # a fresh array from the kernel: nothing else holds it
 
 
 def dora_forward(layer: "LoRALinear", x: Tensor, name: str, mask: Any) -> Tensor:
