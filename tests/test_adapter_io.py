@@ -200,3 +200,17 @@ def test_without_safetensors_the_error_says_what_to_install(tmp_path: Path, monk
         save_peft(adapted(), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     assert list_adapters(adapted()) == ["default"]
+
+
+def test_beside_existing_adapters_only_on_adapted_modules(tmp_path: Path) -> None:
+    save_adapters(adapted(), tmp_path / "ad")
+    model = fresh_base()
+    inject_adapters(model, r=2, adapter_name="mine", target_modules=["fc1"])
+    with pytest.raises(AdapterError, match="not on fc2"):
+        load_adapters(model, tmp_path / "ad")
+    assert list_adapters(model) == ["mine"]
+    model = fresh_base()
+    inject_adapters(model, r=2, adapter_name="mine", target_modules=["fc1", "fc2"])
+    load_adapters(model, tmp_path / "ad")
+    assert list_adapters(model) == ["mine", "default"] and active_adapter(model) == "default"
+    np.testing.assert_array_equal(out(model), out(adapted()))

@@ -181,6 +181,11 @@ def load_adapters(model: Module, path: str | Path) -> list[str]:
         for module in cfg.target_modules:
             cfg.for_module(module).check_fits(module, shapes[module][1], shapes[module][0])
         expected.update(_expected_shapes(n, cfg, {m: shapes[m] for m in cfg.target_modules}))
+    adapted = {n for n, _ in lora_layers(model)}
+    if adapted:  # beside existing adapters a new one can only go where there are adapter layers
+        plain = [m for m in shapes if m not in adapted]
+        if plain:
+            raise AdapterError(f"{path}: the model has adapters, but not on {', '.join(plain)}; load onto its base instead")
     arrays = load_npz(path / WEIGHTS_FILE)
     _check_arrays(arrays, expected, str(path / WEIGHTS_FILE))
     for n, cfg in configs.items():
