@@ -50,7 +50,8 @@ def cli() -> None:
 @BACKEND
 @DATASET
 @click.option("--method", default="lora", show_default=True,
-              help="lora | dora | lora-plus | head (only the last layer trains) | full (see the README for the family).")
+              help="lora | dora | lora-plus | qlora | qdora (4-bit base) | head (only the last layer trains) | full "
+                   "(see the README for the family).")
 @click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank r.")
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scaling alpha/r).")
 @click.option("--rslora", is_flag=True, default=False, help="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
@@ -61,6 +62,11 @@ def cli() -> None:
               help="lora-plus: B's learning rate is lr times this.")
 @click.option("--adapter-name", default="default", show_default=True,
               help="Name of the new adapter; with --base holding adapters, it is added beside them.")
+@click.option("--quant", default="nf4", show_default=True, help="qlora/qdora: 4-bit format of the base, nf4 or fp4.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="qlora/qdora: quantize the per-block absmax to 8 bits as well.")
+@click.option("--block-size", default=64, show_default=True, type=int,
+              help="qlora/qdora: weights per absmax block (a power of two, 32..4096).")
 @click.option("--epochs", default=3, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)

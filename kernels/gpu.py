@@ -376,8 +376,8 @@ def quantize_4bit(x: Any, quant_type: str = "nf4", block_size: int = 64, double_
     return quant_cuda.quantize_4bit(x, quant_type=quant_type, block_size=block_size, double_quant=double_quant)
 
 
-def dequantize_4bit(packed: Any, state: Any, out: Any | None = None) -> Any:
-    """x_hat = code[q] * absmax_block on the GPU (kernels.quant_cuda)."""
+def dequantize_4bit(packed: Any, state: Any, out: Any | None = None, validate: bool = True) -> Any:
+    """x_hat = code[q] * absmax_block on the GPU (kernels.quant_cuda); ``validate=False`` skips the checks."""
     from kernels import quant_cuda
 
-    return quant_cuda.dequantize_4bit(packed, state, out)
+    return quant_cuda.dequantize_4bit(packed, state, out, validate)

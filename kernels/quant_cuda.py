@@ -317,10 +317,15 @@ def dequantize_absmax(state: QuantState):
     return out
 
 
-def dequantize_4bit(packed, state: QuantState, out=None):
-    """x_hat = code[q] * absmax_block on the GPU, float32 of ``state.shape`` (into ``out`` if given)."""
-    state.validate()
-    check_packed(packed, state)
+def dequantize_4bit(packed, state: QuantState, out=None, validate: bool = True):
+    """x_hat = code[q] * absmax_block on the GPU, float32 of ``state.shape`` (into ``out`` if given).
+
+    ``validate=False`` skips the checks of ``state`` and ``packed``, which wait for the GPU twice (for
+    a caller that dequantizes the same already-validated arrays every step).
+    """
+    if validate:
+        state.validate()
+        check_packed(packed, state)
     xp = array_module(packed)
     if out is None:
         out = xp.empty(state.shape, dtype=xp.float32)

@@ -23,6 +23,7 @@ from .optim import Adam
 from .peft.config import AdapterError, LoraConfig
 from .peft.loraplus import loraplus_param_groups
 from .peft.model import add_adapter, count_parameters, inject_adapters, list_adapters, lora_layers, set_adapter
+from .peft.qlora import base_weight_nbytes, quantized_layers
 from .random import manual_seed
 from .tensor import Tensor, no_grad
 
@@ -66,6 +67,15 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.method in QUANTIZED_METHODS:
+            from kernels.quant import QUANT_TYPES, check_block_size
+
+            if self.quant not in QUANT_TYPES:
+                raise ValueError(f"--quant {self.quant!r} is not supported; use one of: {', '.join(QUANT_TYPES)}")
+            try:
+                check_block_size(self.block_size)
+            except ValueError:
+                raise ValueError(f"--block-size must be a power of two from 32 to 4096, got {self.block_size!r}") from None
         if self.method not in ("full", "head"):
             config = self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
             if not self.loraplus_ratio > 0:
@@ -99,16 +109,24 @@ def _head(model: MLP, cfg: TrainConfig) -> ParamGroups:
     return [{"params": list(last.parameters())}]
 
 
-def _adapt(model: MLP, cfg: TrainConfig, config: LoraConfig) -> None:
+def _adapt(model: MLP, cfg: TrainConfig, config: LoraConfig, quantize: bool = False) -> None:
     """Add adapter ``cfg.adapter_name`` and make it the one that trains.
 
-    On a plain model this injects it (freezing the base); on a model that already has adapters (``--base``
+    On a plain model this injects it (freezing the base; with ``quantize`` the base weights go to 4 bits
+    per ``cfg.quant`` / ``double_quant`` / ``block_size``); on a model that already has adapters (``--base``
     a folder saved by an adapter run) it is added beside them, and they stay frozen: that is how one
     folder comes to hold several named adapters for ``cli.py merge``.
     """
     if next(lora_layers(model), None) is None:
-        inject_adapters(model, config, adapter_name=cfg.adapter_name)
+        quant = dict(quantize=cfg.quant, double_quant=cfg.double_quant, block_size=cfg.block_size) if quantize else {}
+        inject_adapters(model, config, adapter_name=cfg.adapter_name, **quant)
         return
+    if quantize and not any(hasattr(layer, "quant_config") for _, layer in lora_layers(model)):
+        raise AdapterError(
+            f"--base {cfg.base} holds adapters on a full-precision base ({', '.join(list_adapters(model))}); "
+            f"--method {cfg.method} needs a plain model (or one saved by a qlora/qdora run): fold them in first "
+            "(cli.py merge --unload)"
+        )
     if cfg.adapter_name in list_adapters(model):
         raise AdapterError(
             f"--base already has an adapter named {cfg.adapter_name!r} ({', '.join(list_adapters(model))}); "
@@ -128,6 +146,18 @@ def _dora(model: MLP, cfg: TrainConfig) -> ParamGroups:
     return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
 
+def _qlora(model: MLP, cfg: TrainConfig) -> ParamGroups:
+    """LoRA over a frozen base stored in 4 bits (NF4 / FP4, optionally double-quantized)."""
+    _adapt(model, cfg, cfg.lora_config(), quantize=True)
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def _qdora(model: MLP, cfg: TrainConfig) -> ParamGroups:
+    """DoRA over a frozen base stored in 4 bits."""
+    _adapt(model, cfg, cfg.lora_config(use_dora=True), quantize=True)
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
 def _lora_plus(model: MLP, cfg: TrainConfig) -> ParamGroups:
     """LoRA whose B matrices learn ``loraplus_ratio`` times faster than the rest."""
     _adapt(model, cfg, cfg.lora_config())
@@ -138,9 +168,12 @@ METHODS: dict[str, Callable[[MLP, TrainConfig], ParamGroups]] = {
     "lora": _lora,
     "dora": _dora,
     "lora-plus": _lora_plus,
+    "qlora": _qlora,
+    "qdora": _qdora,
     "head": _head,
     "full": _full,
 }
+QUANTIZED_METHODS = ("qlora", "qdora")
 
 
 def evaluate(model: MLP, x: Any, y: Any, batch_size: int = 1000) -> float:
@@ -231,6 +264,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     log(f"   Total parameters:     {counts['total']:>9,}")
     log(f"   Trainable parameters: {counts['trainable']:>9,}  ({counts['trainable'] / baseline:.2%} of baseline)")
     log(f"   Frozen parameters:    {counts['frozen']:>9,}")
+    quantized = quantized_layers(model)
+    if quantized:
+        q = quantized[0][1].quant_config()
+        log(f"   Base weights in {q['quant_type']}{' + double quant' if q['double_quant'] else ''} (block {q['block_size']}): "
+            f"{base_weight_nbytes(model):,} bytes (float32: {4 * sum(l.quantized_numel for _, l in quantized):,})")
     optimizer = Adam(groups, lr=cfg.lr)
 
     log(f"\n🚀 Training for {cfg.epochs} epoch(s), batch {cfg.batch_size}, lr {cfg.lr:g}...")

@@ -189,6 +189,10 @@ class Module:
                 )
             if np.dtype(value.dtype) != np.dtype(target.dtype):
                 raise StateDictError(f"{source}: key {key!r} has dtype {value.dtype}, the model expects {target.dtype}")
+        for prefix, module in self.named_modules():  # checks beyond shape/dtype (e.g. a 4-bit layer's quant state)
+            check = getattr(module, "check_loaded_state", None)
+            if check is not None:
+                check(state, prefix, source)  # raises StateDictError
         for key, value in state.items():
             if key in own:
                 target = own[key]

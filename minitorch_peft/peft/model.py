@@ -53,6 +53,10 @@ def inject_adapters(
     for name in chosen:  # check every target before changing anything
         lin = model.get_submodule(name)
         config.for_module(name).check_fits(name, lin.in_features, lin.out_features)
+        if quantize is not None:
+            from .qlora import check_quantizable
+
+            check_quantizable(name, lin, quantize, block_size)
     model.freeze()
     for name in chosen:
         lin = model.get_submodule(name)
