@@ -21,6 +21,14 @@ VERSION = 1
 ADAPTER_KEYS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
 
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def _float_dtype(model: Module) -> str:
+    """The floating dtype of the model's parameters (biases stay full precision even over a 4-bit base)."""
+    return next((str(p.dtype) for p in model.parameters()), "float32")
+
+
 def is_adapter_key(key: str) -> bool:
     return any(k in key for k in ADAPTER_KEYS)
 
@@ -28,7 +36,9 @@ def is_adapter_key(key: str) -> bool:
 def model_config(model: MLP) -> dict[str, Any]:
     """Everything needed to rebuild ``model``'s structure (not its values)."""
     layers = list(lora_layers(model))
-    config: dict[str, Any] = {"format": FORMAT, "version": VERSION, "architecture": {"type": "MLP", "dims": model.dims}}
+    dtype = _float_dtype(model)
+    config: dict[str, Any] = {"format": FORMAT, "version": VERSION,
+                              "architecture": {"type": "MLP", "dims": model.dims, "dtype": dtype}}
     if layers:
         adapters: dict[str, Any] = {}
         for name, layer in layers:
@@ -89,7 +99,10 @@ def build_from_config(config: Any, source: str) -> MLP:
     if (not isinstance(dims, list) or len(dims) < 2
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
         raise CheckpointError(f"{source}: 'architecture.dims' must be a list of positive integers, got {dims!r}")
-    model = MLP(dims)
+    dtype = arch.get("dtype", "float32")  # absent in folders written before dtypes were recorded
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{source}: 'architecture.dtype' must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    model = MLP(dims, dtype=dtype)
     adapters = config.get("adapters")
     if adapters is None:
         return model
