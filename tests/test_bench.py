@@ -76,6 +76,7 @@ def test_memory_invariants(quick: tuple[dict, str]) -> None:
     assert 0 < m["peak_step_lora"] < m["peak_step_full"]
     if m["peak_step_qlora"] is not None:
         assert m["peak_step_qlora"] > 0
+        assert m["base_nf4_dq"] < m["qlora_total"] < m["full_fp32"] / 4  # live 4-bit model: base + biases + adapters
 
 
 def _is_stats(s: object) -> bool:
@@ -136,8 +137,9 @@ def test_compare_torch_without_torch_is_one_line(tmp_path: Path) -> None:
     one_line_error(proc, "needs PyTorch")
 
 
-def test_bad_flags_are_one_line() -> None:
+def test_bad_flags_are_one_line(tmp_path: Path) -> None:
     one_line_error(run_cli("bench", "--models", "huge"), "unknown model")
+    one_line_error(run_cli("bench", "--epoch", "--data-dir", str(tmp_path)), "not found")  # before any timing
     one_line_error(run_cli("bench", "--compare", "jax"), "--compare")
     one_line_error(run_cli("bench", "--rounds", "0"), "--rounds")
 
@@ -236,6 +238,17 @@ def test_interleaved_runs_every_case_the_same_number_of_times() -> None:
     assert calls[4:8] == ["a"] * 4 and calls[8:12] == ["b"] * 4  # round 0: a then b
     assert calls[12:16] == ["b"] * 4  # round 1 starts with b: the order rotates
     assert all(isinstance(s, Stats) and len(s.rounds) == 3 and s.min <= s.median <= s.max for s in stats.values())
+
+
+def test_interleaved_pauses_only_when_the_thread_pool_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from minitorch_peft.bench import timing
+
+    pauses: list[float] = []
+    monkeypatch.setattr(timing.time, "sleep", pauses.append)
+    cases = {"a": lambda: None, "b": lambda: None, "t": lambda: None}
+    interleaved(cases, iterations=3, rounds=3, warmup=0, pools={"a": "np", "b": "np", "t": "torch"}, switch_pause=0.5)
+    # blocks: a b t | b t a | t a b -> a pool switch before t; b, t, a; t, a
+    assert pauses == [0.5] * 6
 
 
 def test_peak_step_bytes_counts_numpy_allocations() -> None:

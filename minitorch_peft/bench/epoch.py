@@ -38,6 +38,7 @@ def bench_epoch(cfg: Any, backend: Backend, torch_device: str | None) -> dict[st
     names = list(cases)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(0.2)  # let the previous run's BLAS / OpenMP workers go idle (see timing.interleaved)
             samples[name].append(cases[name]())
     res: dict[str, Any] = {"samples": int(len(y)), "batch_size": base.batch_size, "lr": base.lr, "seed": base.seed,
                            "rounds": rounds, "methods": {}}

@@ -66,6 +66,9 @@ def header(res: dict[str, Any]) -> list[str]:
     load = env.get("load_average_start")
     if load:
         lines.append(f"machine load average at start: {' '.join(map(str, load))} on {env['cpu_count']} CPU(s)")
+        if load[0] > 0.75 * env["cpu_count"]:
+            lines.append("⚠  the machine is busy: absolute times are inflated and noisy (multi-threaded BLAS suffers most "
+                         "when a core is taken); ratios of interleaved medians remain comparable")
     torch = res.get("compare", {}).get("torch")
     if torch:
         lines.append(f"compared with PyTorch {torch['version']} on {torch['device']}, {torch['threads']} thread(s), "
@@ -116,8 +119,11 @@ def model_section(name: str, res: dict[str, Any]) -> list[str]:
         lines.append(f"      NF4:                {fmt_bytes(mem['base_nf4']):>11}  ({mem['base_nf4'] / mem['full_fp32']:.1%} of fp32)")
         lines.append(f"      NF4 + double quant: {fmt_bytes(mem['base_nf4_dq']):>11}  ({mem['base_nf4_dq'] / mem['full_fp32']:.1%} of fp32)")
         lines.append(f"      + LoRA adapters:    {fmt_bytes(mem['base_nf4_dq'] + mem['lora_trainable']):>11}  "
-                     f"(QLoRA total; {1 - (mem['base_nf4_dq'] + mem['lora_trainable']) / mem['full_fp32']:.1%} "
+                     f"({1 - (mem['base_nf4_dq'] + mem['lora_trainable']) / mem['full_fp32']:.1%} "
                      "smaller than the fp32 model)")
+        if mem.get("qlora_total") is not None:
+            lines.append(f"      QLoRA model, live:  {fmt_bytes(mem['qlora_total']):>11}  (every parameter and buffer "
+                         "of the built QLoRA model)")
     cfg = res["config"]
     lines += ["", f"  Forward pass, inference ({cfg['forward_iterations']} calls per variant):"]
     lines += _timing_rows(m["forward_ms"], m["ratios"]["forward_vs_full"], FORWARD_LABELS, m.get("skipped", {}),
@@ -240,6 +246,9 @@ def targets_section(res: dict[str, Any]) -> list[str]:
     end = res["environment"].get("load_average_end")
     if end:
         lines.append(f"machine load average at end: {' '.join(map(str, end))}")
+    layer = res["environment"].get("numba_threading_layer")
+    if layer:
+        lines.append(f"Numba parallel kernels ran on: {layer}")
     return lines
 
 

@@ -126,6 +126,7 @@ def run(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
             log(line)
 
     results["environment"]["load_average_end"] = load_average()
+    results["environment"]["numba_threading_layer"] = _numba_layer()
     results["targets"] = report.targets(results)
     for line in report.targets_section(results):
         log(line)
@@ -162,6 +163,7 @@ def _bench_model(name: str, cfg: BenchConfig, backend: Any, torch_device: str | 
         "optimizer_lora": lora.optimizer.state_nbytes(),
         "base_nf4": variants.quantized_base_bytes(full.model, double_quant=False),
         "base_nf4_dq": variants.quantized_base_bytes(full.model, double_quant=True),
+        "qlora_total": built["qlora"].model.nbytes() if built["qlora"].available else None,
     }
     for k in STEP_VARIANTS:
         memory[f"peak_step_{k}"] = variants.peak_step_bytes(steps[k], backend) if k in steps else None
@@ -193,7 +195,8 @@ def _bench_model(name: str, cfg: BenchConfig, backend: Any, torch_device: str | 
             torch_models[k] = torch_ref.build_model(_fresh(src, k, dims, backend, seed), kind, torch_device)
             fwd_cases[f"torch:{k}"] = torch_ref.forward_call(torch_models[k][0], tx)
             syncs[f"torch:{k}"] = tsync
-    fwd = interleaved(fwd_cases, cfg.n_forward, cfg.n_rounds, cfg.warmup * 2, sync=sync, syncs=syncs)
+    fwd = interleaved(fwd_cases, cfg.n_forward, cfg.n_rounds, cfg.warmup * 2, sync=sync, syncs=syncs,
+                      pools=_pools(fwd_cases))
 
     # ---- training step: ours, the hand-written reference, PyTorch's, in one interleaved run
     step_cases: dict[str, Callable[[], Any]] = dict(steps)
@@ -210,7 +213,8 @@ def _bench_model(name: str, cfg: BenchConfig, backend: Any, torch_device: str | 
             tmodel, topt = torch_ref.build_model(_fresh(src, k, dims, backend, seed), k, torch_device)
             step_cases[f"torch:{k}"] = torch_ref.step_call(tmodel, topt, tx, ty)
             syncs[f"torch:{k}"] = tsync
-    step = interleaved(step_cases, cfg.n_step, cfg.n_rounds, cfg.warmup, sync=sync, syncs=syncs)
+    step = interleaved(step_cases, cfg.n_step, cfg.n_rounds, cfg.warmup, sync=sync, syncs=syncs,
+                       pools=_pools(step_cases))
 
     res["forward_ms"] = {k: fwd[k].to_dict() for k in FORWARD_VARIANTS if k in fwd}
     res["train_step_ms"] = {k: step[k].to_dict() for k in STEP_VARIANTS if k in step}
@@ -239,6 +243,11 @@ def _bench_model(name: str, cfg: BenchConfig, backend: Any, torch_device: str | 
             "skipped": {"qlora": "not compared: PyTorch has no 4-bit NF4 Linear without bitsandbytes"},
         }
     return res, torch_res
+
+
+def _pools(cases: dict[str, Any]) -> dict[str, str]:
+    """PyTorch's cases run on its own thread pool; ours and the hand-written ones on NumPy's BLAS pool."""
+    return {k: ("torch" if k.startswith("torch:") else "numpy") for k in cases}
 
 
 def _fresh(v: variants.Variant, kind: str, dims: list[int], backend: Any, seed: int) -> Any:
@@ -305,3 +314,13 @@ def _bench_quant(cfg: BenchConfig, backend: Any) -> dict[str, Any]:
         res[f"{op}_gbps"][label] = {"median": round(gb / (s.median / 1e3), 3), "min": round(gb / (s.max / 1e3), 3),
                                     "max": round(gb / (s.min / 1e3), 3)}
     return res
+
+
+def _numba_layer() -> str | None:
+    """The threading layer Numba's parallel kernels (4-bit quantization) ran on, if any ran."""
+    import numba
+
+    try:
+        return f"{numba.threading_layer()} ({numba.config.NUMBA_NUM_THREADS} threads)"
+    except ValueError:  # no parallel kernel ran in this process
+        return None

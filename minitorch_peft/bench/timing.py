@@ -45,6 +45,8 @@ def interleaved(
     warmup: int = 3,
     sync: Callable[[], None] | None = None,
     syncs: dict[str, Callable[[], None]] | None = None,
+    pools: dict[str, str] | None = None,
+    switch_pause: float = 0.2,
 ) -> dict[str, Stats]:
     """Time every case for ``iterations`` calls in all, split over ``rounds`` interleaved rounds.
 
@@ -54,6 +56,13 @@ def interleaved(
     real training loop pays for it too, and an engine that makes many Python objects pays more); a full
     collection runs before the first round and a young-generation one before each round, so garbage one
     case leaves is mostly collected before the next round rather than on another case's clock.
+
+    ``pools`` names the thread pool each case runs on (default: all the same). Before a block whose pool
+    differs from the previous block's, the clock waits ``switch_pause`` seconds untimed: OpenBLAS worker
+    threads spin for about 0.1 s after their last call before they sleep, and on a 2-core machine a
+    PyTorch block started inside that window runs several times slower (measured: 150 ms vs 20 ms per
+    step on a busy machine). Without the pause the comparison would charge our pool's idle spinning to
+    PyTorch.
     """
     if not cases:
         return {}
@@ -75,12 +84,18 @@ def interleaved(
         if s is not None:
             s()
     samples: dict[str, list[float]] = {name: [] for name in names}
+    pools = pools or {}
+    last_pool = None
     gc.collect()
     for r in range(rounds):
         gc.collect(1)  # the young generations only: a full collection costs ~0.1 s once PyTorch is loaded
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             fn, s = cases[name], sync_of(name)
+            pool = pools.get(name)
+            if pool != last_pool and last_pool is not None and switch_pause > 0:
+                time.sleep(switch_pause)
+            last_pool = pool
             t0 = time.perf_counter()
             for _ in range(per_round):
                 fn()
