@@ -158,22 +158,26 @@ def reachable_float_matrices(obj, shapes: set[tuple[int, int]], seen=None) -> li
     return found
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("dora", [False, True])
-def test_no_float_copy_of_the_base_outlives_a_training_step(dora: bool) -> None:
+def test_no_float_copy_of_the_base_outlives_a_training_step(monkeypatch, dora: bool, chunked: bool) -> None:
+    if chunked:
+        monkeypatch.setattr(qlora, "CHUNK_VALUES", 300)  # fc1 (1200 values) in row chunks through one buffer
     model = qmodel(dora=dora)
+    assert len(model.fc1._base().row_chunks()) == (4 if chunked else 1)
     shapes = {(30, 40), (10, 30), (40, 30), (30, 10)}
     made: list[weakref.ref] = []
-    real = qlora._Base4bit.dequantize
+    real = qlora._Base4bit._dequantize
 
-    def tracking(self):
-        w = real(self)
-        made.append(weakref.ref(w))
+    def tracking(self, *args):
+        w = real(self, *args)
+        made.append(weakref.ref(w if w.base is None else w.base))  # a chunk is a view of the op's buffer
         return w
 
     opt = Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, y = rng(2).standard_normal((16, 40)).astype(np.float32), rng(3).integers(0, 10, 16)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qlora._Base4bit, "dequantize", tracking)
+        mp.setattr(qlora._Base4bit, "_dequantize", tracking)
         loss = F.cross_entropy(model(Tensor(x)), Tensor(y))
         opt.zero_grad()
         loss.backward()
@@ -323,6 +327,62 @@ def test_qlora_trains(dora: bool) -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     np.testing.assert_array_equal(model.fc1.weight_packed, codes)  # the base never moves
+
+
+# ------------------------------------------------------------------------------ row chunks
+
+
+@pytest.mark.parametrize("n_in,n_out,block", [(70, 30, 64), (40, 33, 32), (33, 64, 64), (784, 10, 4096)])
+def test_row_chunks_cover_the_rows_on_block_boundaries(monkeypatch, n_in: int, n_out: int, block: int) -> None:
+    monkeypatch.setattr(qlora, "CHUNK_VALUES", 256)
+    manual_seed(0)
+    layer = QLoRALinear.from_linear(Linear(n_in, n_out), r=2, block_size=block)
+    base = layer._base()
+    spans = base.row_chunks()
+    assert spans[0][0] == 0 and spans[-1][1] == n_out and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all((r0 * n_in) % block == 0 for r0, _ in spans)
+    assert len(spans) > 1 or n_out * n_in <= 256 or block // np.gcd(n_in, block) >= n_out
+    w = np.concatenate([c.copy() for _, _, c in base.chunks()])
+    np.testing.assert_array_equal(w, base.dequantize())
+
+
+@pytest.mark.parametrize("dora,norm_grad", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_chunked_ops_equal_whole_weight_ops(monkeypatch, dora: bool, norm_grad: bool, dropout: float) -> None:
+    """A weight over CHUNK_VALUES is done by row chunks: the same outputs and gradients to float32 rounding."""
+    manual_seed(0)
+    model = MLP([64, 40, 30, 10])
+    inject_adapters(model, r=4, lora_alpha=8, lora_dropout=dropout, use_dora=dora, dora_norm_grad=norm_grad,
+                    quantize="nf4", target_modules="all-linear")
+    randomize_adapters(model, 1)
+    x, y = rng(2).standard_normal((16, 64)).astype(np.float32), rng(3).integers(0, 10, 16)
+    results = []
+    for chunk in (1 << 19, 600):  # 600 values: fc1 (2560) in 5 chunks, fc2 (1200) in 2, fc3 whole
+        monkeypatch.setattr(qlora, "CHUNK_VALUES", chunk)
+        xt = Tensor(x, requires_grad=True)
+        model.zero_grad()
+        manual_seed(5)
+        logits = model(xt)
+        F.cross_entropy(logits, Tensor(y)).backward()
+        results.append([logits.numpy()] + [xt.grad] + [p.grad.copy() for p in model.parameters() if p.requires_grad])
+        with disable_adapters(model):
+            results[-1].append(out(model, x))
+    assert [len(getattr(model, f"fc{i}")._base().row_chunks()) for i in (1, 2, 3)] == [5, 2, 1]
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_chunked_float64_finite_differences(monkeypatch, dora: bool) -> None:
+    monkeypatch.setattr(qlora, "CHUNK_VALUES", 150)
+    manual_seed(0)
+    layer = QLoRALinear.from_linear(Linear(64, 9, dtype=np.float64), block_size=64,
+                                    config=LoraConfig(r=3, lora_alpha=5, use_dora=dora, dora_norm_grad=True))
+    layer.lora_B["default"].data[...] = rng(1).standard_normal((9, 3))
+    assert layer._base().row_chunks() == [(0, 3), (3, 6), (6, 9)]
+    params = [layer.lora_A["default"], layer.lora_B["default"]] + ([layer.lora_magnitude_vector["default"]] if dora else [])
+    grads = gradcheck(lambda x, *p: layer(x), as_leaf(rng(3).standard_normal((5, 64))), *params)
+    assert all(np.abs(g).max() > 0 for g in grads)
 
 
 # ------------------------------------------------------------------------------ checkpoints
