@@ -227,8 +227,8 @@ def infer(model_dir: str, samples: int, backend: str, dataset: str, data_dir: st
               help="Also time one epoch of the real train loop over MNIST (vs PyTorch with --compare torch).")
 @DATA_DIR
 @click.option("--forward-iters", type=int, default=None, help="Forward calls per variant (default 1000; --quick 100).")
-@click.option("--step-iters", type=int, default=None, help="Training steps per variant (default 200; --quick 30).")
-@click.option("--rounds", type=int, default=None, help="Interleaved rounds (default 10; --quick 5).")
+@click.option("--step-iters", type=int, default=None, help="Training steps per variant (default 100; --quick 30).")
+@click.option("--rounds", type=int, default=None, help="Interleaved rounds (default 20; --quick 5).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write bar charts to this PNG (needs matplotlib: pip install 'minitorch_peft[plot]').")
 @JSON

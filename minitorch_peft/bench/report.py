@@ -196,13 +196,13 @@ def epoch_section(res: dict[str, Any]) -> list[str]:
     lines = ["", f"⏱  One epoch of `cli.py train` ({e['samples']:,} MNIST images, batch {e['batch_size']}, Adam lr "
                  f"{e['lr']:g}; the real training loop, evaluation excluded; {e['rounds']} interleaved round(s)):"]
     head = f"    {'method':<8} {'ours (s)':<24}"
-    has_torch = any("torch" in v for v in e["methods"].values())
+    has_torch = any("torch_s" in v for v in e["methods"].values())
     if has_torch:
         head += f" {'PyTorch (s)':<24} {'ours/torch':>10}"
     lines.append(head)
     for method, v in e["methods"].items():
         row = f"    {method:<8} {fmt_stats(v['ours_s'], ''):<24}"
-        if "torch" in v:
+        if "torch_s" in v:
             row += f" {fmt_stats(v['torch_s'], ''):<24} {fmt_ratio(v['ratio']):>10}"
         lines.append(row)
     return lines

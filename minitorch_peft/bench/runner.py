@@ -58,11 +58,13 @@ class BenchConfig:
 
     @property
     def n_step(self) -> int:
-        return self.step_iters or (30 if self.quick else 200)
+        return self.step_iters or (30 if self.quick else 100)
 
     @property
     def n_rounds(self) -> int:
-        return self.rounds or (5 if self.quick else 10)
+        # many short rounds: on a machine whose load changes from second to second, every variant then
+        # samples the same mix of quiet and busy moments
+        return self.rounds or (5 if self.quick else 20)
 
     @property
     def warmup(self) -> int:
