@@ -6,11 +6,12 @@ registered as buffers, so ``state_dict`` and the model folder hold them exactly 
 adapters (A, B, and DoRA's m) and the bias stay in the compute dtype (float32).
 
 No full-precision copy of the base weight outlives the op that needs it. The forward dequantizes W
-into a fresh array, uses it for ``x W^T`` and drops it before returning; the backward dequantizes it
-again only when the input gradient ``g W`` is needed (the first layer of a network needs none: its
-input is data). A persistent scratch buffer was rejected: kept per layer or in a pool keyed by shape,
-it is exactly the float32 weight the 4-bit format is meant to remove, and the dequantize kernel is
-fast next to the matmul it feeds. The base gets no gradient.
+into a fresh array (a weight over ``CHUNK_VALUES`` by row chunks through one buffer), uses it for
+``x W^T`` and drops it before returning; the backward dequantizes it again only when the input gradient
+``g W`` is needed (the first layer of a network needs none: its input is data). A persistent scratch
+buffer was rejected: kept per layer or in a pool keyed by shape, it is exactly the float32 weight the
+4-bit format is meant to remove, and the dequantize kernel is fast next to the matmul it feeds. The
+base gets no gradient.
 
 ``merge()`` folds the active adapter into a NEW 4-bit base (W_deq + delta, re-quantized); the old 4-bit
 arrays are kept aside (4 bits a weight, not float32) so that ``unmerge()`` restores them bit for bit.
