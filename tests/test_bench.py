@@ -251,6 +251,15 @@ def test_interleaved_pauses_only_when_the_thread_pool_changes(monkeypatch: pytes
     assert pauses == [0.5] * 6
 
 
+def test_ratio_pairs_rounds() -> None:
+    from minitorch_peft.bench.timing import ratio
+
+    a, b = Stats.of([1.0, 10.0, 10.0]), Stats.of([2.0, 2.0, 20.0])  # round 2 was busy for a, round 3 for both
+    assert ratio(a, b) == 0.5  # per-round ratios 0.5, 5, 0.5; the ratio of medians would say 5
+    assert ratio(a, Stats.of([4.0])) == 2.5  # rounds that do not pair: ratio of medians
+    assert ratio(a, None) is None
+
+
 def test_peak_step_bytes_counts_numpy_allocations() -> None:
     be = get_backend("numpy")
     n = variants.peak_step_bytes(lambda: np.ones(1 << 20, dtype=np.float32).sum(), be)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from ..backend import Backend
-from .timing import Stats
+from .timing import Stats, ratio
 
 METHODS = ("lora", "full")
 
@@ -48,7 +48,7 @@ def bench_epoch(cfg: Any, backend: Backend, torch_device: str | None) -> dict[st
         if torch_device is not None:
             theirs = Stats.of(samples[f"torch:{method}"])
             entry["torch_s"] = theirs.to_dict()
-            entry["ratio"] = round(ours.median / theirs.median, 4)
+            entry["ratio"] = round(ratio(ours, theirs), 4)  # median of the per-round ratios
         res["methods"][method] = entry
     return res
 

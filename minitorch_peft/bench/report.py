@@ -76,7 +76,7 @@ def header(res: dict[str, Any]) -> list[str]:
     lines.append(
         f"timings: median [min-max] per call over {cfg['rounds']} interleaved rounds after warm-up "
         f"(forward {cfg['forward_iterations']} calls, step {cfg['step_iterations']} calls per variant); "
-        "ratios compare medians"
+        "a ratio is the median over rounds of the two variants' per-round ratio (same round, same machine load)"
     )
     return lines
 
@@ -236,7 +236,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def targets_section(res: dict[str, Any]) -> list[str]:
-    lines = ["", "🎯 Speed targets (set for the small MLP; medians, measured side by side in this run):"]
+    lines = ["", "🎯 Speed targets (set for the small MLP; ratios measured side by side in this run):"]
     for t in res["targets"]:
         if t["value"] is None:
             mark, value = "·", "not measured" + (" (needs --compare torch)" if "PyTorch" in t["what"] else "")

@@ -14,7 +14,7 @@ import numpy as np
 from ..backend import get_backend
 from . import numpy_ref, report, variants
 from .env import blas_threads, environment, load_average
-from .timing import Stats, interleaved
+from .timing import Stats, interleaved, ratio
 
 FORWARD_VARIANTS = ("full", "lora_unmerged", "lora_merged", "dora", "qlora")
 STEP_VARIANTS = ("full", "lora", "dora", "qlora")
@@ -273,9 +273,8 @@ def _hand_models(full: Any, lora: Any, backend: Any) -> dict[str, numpy_ref.Hand
 
 
 def _r(a: Stats | None, b: Stats | None) -> float | None:
-    if a is None or b is None or b.median <= 0:
-        return None
-    return round(a.median / b.median, 4)
+    r = ratio(a, b)
+    return None if r is None else round(r, 4)
 
 
 # ------------------------------------------------------------------------------------------ quantization

@@ -106,7 +106,14 @@ def interleaved(
 
 
 def ratio(a: Stats | None, b: Stats | None) -> float | None:
-    """median(a) / median(b), or None if either is missing."""
+    """a / b as the median over rounds of the per-round ratio a_r / b_r.
+
+    Both ran in the same round, a few blocks apart, so each per-round ratio compares them under the same
+    machine load; the median of those is steadier on a busy machine than median(a) / median(b), whose two
+    medians may come from different rounds. Falls back to the ratio of medians when the rounds do not pair.
+    """
     if a is None or b is None or b.median <= 0:
         return None
+    if len(a.rounds) == len(b.rounds) and a.rounds and all(x > 0 for x in b.rounds):
+        return statistics.median(x / y for x, y in zip(a.rounds, b.rounds))
     return a.median / b.median
