@@ -259,7 +259,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(res["models"])
+    names = [n for n in res.get("config", {}).get("models", []) if n in res["models"]] or list(res["models"])
     torch = res.get("compare", {}).get("torch", {}).get("models", {})
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 3.6 * len(names)), squeeze=False)
     for row, name in enumerate(names):
@@ -273,6 +273,7 @@ def plot(res: dict[str, Any], path: str) -> None:
             if name in torch:
                 series.append(("PyTorch", torch[name][key]))
             width = 0.8 / len(series)
+            tallest = max((d[k]["median"] for _, d in series for k in ks if k in d), default=1.0)
             for i, (label, data) in enumerate(series):
                 med = [data[k]["median"] if k in data else 0.0 for k in ks]
                 lo = [data[k]["median"] - data[k]["min"] if k in data else 0.0 for k in ks]
@@ -281,6 +282,7 @@ def plot(res: dict[str, Any], path: str) -> None:
             ax.set_xticks([x + width * (len(series) - 1) / 2 for x in xs])
             ax.set_xticklabels([labels[k] for k in ks], rotation=15)
             ax.set_ylabel("ms per call (median, min-max)")
+            ax.set_ylim(0, 2.5 * tallest)  # a busy moment's max would flatten every bar; its whisker is clipped
             ax.set_title(f"{name} {' → '.join(map(str, m['dims']))}: {title}")
             ax.legend()
     fig.tight_layout()
