@@ -137,6 +137,22 @@ def test_compare_torch_without_torch_is_one_line(tmp_path: Path) -> None:
     one_line_error(proc, "needs PyTorch")
 
 
+@pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
+def test_gpu_backend_with_cpu_only_torch_skips_the_comparison() -> None:
+    import torch
+
+    from minitorch_peft.bench import report, torch_ref
+
+    device, why = torch_ref.torch_device("cupy")
+    if torch.cuda.is_available():
+        assert (device, why) == ("cuda", None)
+        return
+    assert device is None and "no CUDA" in why
+    res = {"compare": {"torch": {"skipped": why}}, "config": {"rounds": 1, "forward_iterations": 1, "step_iterations": 1},
+           "environment": {"backend": "cupy", "numpy": "x", "blas": {}, "threads": 1, "threads_source": "t", "cpu": "c"}}
+    assert any("comparison skipped" in line for line in report.header(res))
+
+
 def test_bad_flags_are_one_line(tmp_path: Path) -> None:
     one_line_error(run_cli("bench", "--models", "huge"), "unknown model")
     one_line_error(run_cli("bench", "--epoch", "--data-dir", str(tmp_path)), "not found")  # before any timing

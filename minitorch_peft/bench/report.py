@@ -70,7 +70,9 @@ def header(res: dict[str, Any]) -> list[str]:
             lines.append("⚠  the machine is busy: absolute times are inflated and noisy (multi-threaded BLAS suffers most "
                          "when a core is taken); ratios of interleaved medians remain comparable")
     torch = res.get("compare", {}).get("torch")
-    if torch:
+    if torch and "skipped" in torch:
+        lines.append(f"PyTorch comparison skipped: {torch['skipped']}")
+    elif torch:
         lines.append(f"compared with PyTorch {torch['version']} on {torch['device']}, {torch['threads']} thread(s), "
                      "same weights, batch and Adam settings")
     lines.append(

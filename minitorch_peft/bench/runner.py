@@ -75,11 +75,11 @@ def run(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for; print each section through ``log``; return the results."""
     cfg.validate()
     backend = get_backend(cfg.backend)
-    torch_device = None
+    torch_device = torch_skipped = None
     if "torch" in cfg.compare:
         from . import torch_ref
 
-        torch_device = torch_ref.torch_device(backend.name)  # a missing PyTorch fails here, before any work
+        torch_device, torch_skipped = torch_ref.torch_device(backend.name)  # a missing PyTorch fails here
     if cfg.epoch:
         from ..data import load_mnist_like
 
@@ -105,6 +105,8 @@ def run(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         compare = {"version": torch.__version__, "device": torch_device,
                    "threads": torch_ref.set_threads(threads), "models": {}}
         results["compare"] = {"torch": compare}
+    elif torch_skipped:
+        results["compare"] = {"torch": {"skipped": torch_skipped}}
     for line in report.header(results):
         log(line)
 

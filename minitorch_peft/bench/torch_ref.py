@@ -30,14 +30,19 @@ def import_torch() -> Any:
     return torch
 
 
-def torch_device(backend_name: str) -> str:
+def torch_device(backend_name: str) -> tuple[str | None, str | None]:
+    """(device PyTorch runs on, None) or (None, why the comparison is skipped).
+
+    On the GPU backend the comparison needs PyTorch on the GPU too: a CPU-only PyTorch beside a GPU run
+    would compare two different machines, so it is skipped (with the reason shown) rather than faked.
+    """
     torch = import_torch()
     if backend_name == "cupy":
         if not torch.cuda.is_available():
-            raise TorchMissing("--compare torch with --backend cupy needs a CUDA build of PyTorch with a GPU; "
-                               "this PyTorch sees no CUDA device")
-        return "cuda"
-    return "cpu"
+            return None, (f"PyTorch {torch.__version__} sees no CUDA device; comparing it on the CPU with a GPU "
+                          "run would not be like for like")
+        return "cuda", None
+    return "cpu", None
 
 
 def _np(a: Any) -> np.ndarray:
