@@ -201,13 +201,17 @@ def _cupy_peak(call: Callable[[], Any], backend: Backend) -> int:  # pragma: no 
 
         def __init__(self) -> None:
             self.used = self.peak = 0
+            self.live: dict[int, int] = {}
 
         def malloc_postprocess(self, **kw: Any) -> None:
+            self.live[kw["mem_ptr"]] = kw["mem_size"]
             self.used += kw["mem_size"]
             self.peak = max(self.peak, self.used)
 
         def free_postprocess(self, **kw: Any) -> None:
-            self.used -= kw["mem_size"]
+            # only blocks taken during the call count, as with tracemalloc: freeing an older array (last
+            # step's gradients) must not make room that this step's allocations then seem not to use
+            self.used -= self.live.pop(kw["mem_ptr"], 0)
 
     cupy.cuda.Device().synchronize()
     hook = PoolPeak()
