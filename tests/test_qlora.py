@@ -184,7 +184,8 @@ def test_no_float_copy_of_the_base_outlives_a_training_step(monkeypatch, dora: b
         opt.step()
         del loss
         gc.collect()
-    assert len(made) >= 3  # forward of both layers, and fc2's input gradient
+    assert len(made) >= 2  # the forward of both layers (fc2's W is held for its backward, or rebuilt there)
+    assert qlora._held_bytes == 0
     assert all(r() is None for r in made), "a dequantized weight is still alive after the step"
     assert reachable_float_matrices(model, shapes) == []
     assert reachable_float_matrices(opt, shapes) == []
@@ -285,6 +286,7 @@ def test_the_float64_check_can_fail() -> None:
 
     def backward_with_wrong_weight(ctx, g):
         ctx.base = qlora._Base4bit(wrong[0], wrong[1], ctx.base.backend, ctx.base.dtype)
+        ctx.held = None  # x needs a gradient, so the forward held W for this backward: drop it
         return real(ctx, g)
 
     x = as_leaf(rng(3).standard_normal((5, 70)))
@@ -294,8 +296,13 @@ def test_the_float64_check_can_fail() -> None:
             gradcheck(lambda x, a, b: layer(x), x, layer.lora_A["default"], layer.lora_B["default"])
 
 
-def test_first_layer_backward_does_not_dequantize_again() -> None:
-    """fc1's input is data: its backward needs no g W, so the weight is rebuilt only in the forward."""
+@pytest.mark.parametrize("budget", [None, 0])
+def test_dequantize_counts_and_the_budget_for_holding_w_until_backward(monkeypatch, budget) -> None:
+    """fc1's input is data: its backward needs no g W, so its weight is dequantized once, in the forward.
+    fc2's W is held by its graph node for the backward while the process-wide budget allows (then the
+    backward dequantizes nothing), else rebuilt there; either way nothing is held after the step."""
+    if budget is not None:
+        monkeypatch.setattr(qlora, "KEEP_FOR_BACKWARD_BYTES", budget)
     model = qmodel()
     calls: list[tuple[int, ...]] = []
     real = qlora._Base4bit.dequantize
@@ -308,8 +315,35 @@ def test_first_layer_backward_does_not_dequantize_again() -> None:
         mp.setattr(qlora._Base4bit, "dequantize", counting)
         loss = F.cross_entropy(model(Tensor(rng(0).standard_normal((4, 40)).astype(np.float32))), Tensor(np.arange(4)))
         assert calls == [(30, 40), (10, 30)]
+        assert qlora._held_bytes == (0 if budget == 0 else 10 * 30 * 4)
         loss.backward()
-    assert calls == [(30, 40), (10, 30), (10, 30)]
+    assert calls == [(30, 40), (10, 30)] + ([(10, 30)] if budget == 0 else [])
+    del loss
+    gc.collect()
+    assert qlora._held_bytes == 0
+    with no_grad():  # nothing is held without a graph
+        model(Tensor(rng(0).standard_normal((4, 40)).astype(np.float32)))
+    assert qlora._held_bytes == 0
+
+
+def test_holding_stops_at_the_budget(monkeypatch) -> None:
+    monkeypatch.setattr(qlora, "KEEP_FOR_BACKWARD_BYTES", 2 * 30 * 30 * 4)
+    manual_seed(0)
+    model = MLP([40, 30, 30, 30, 30, 10])  # four 30x30-or-smaller layers after the first
+    inject_adapters(model, r=4, quantize="nf4", target_modules="all-linear")
+    randomize_adapters(model)
+    x = Tensor(rng(1).standard_normal((4, 40)).astype(np.float32))
+    loss = F.cross_entropy(model(x), Tensor(np.arange(4)))
+    assert qlora._held_bytes == 2 * 30 * 30 * 4  # fc2, fc3 held; fc4, fc5 would overrun the budget
+    loss.backward()
+    grads = [p.grad.copy() for p in model.parameters() if p.requires_grad]
+    monkeypatch.setattr(qlora, "KEEP_FOR_BACKWARD_BYTES", 0)
+    model.zero_grad()
+    F.cross_entropy(model(x), Tensor(np.arange(4))).backward()
+    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+        np.testing.assert_array_equal(g, p.grad)  # held or rebuilt: the same weight, the same gradients
+    gc.collect()
+    assert qlora._held_bytes == 0
 
 
 @pytest.mark.parametrize("dora", [False, True])
