@@ -351,8 +351,11 @@ def quantize_4bit(x: np.ndarray, quant_type: str = "nf4", block_size: int = 64, 
     return quant.quantize_4bit(x, quant_type=quant_type, block_size=block_size, double_quant=double_quant)
 
 
-def dequantize_4bit(packed: np.ndarray, state, out: np.ndarray | None = None, validate: bool = True) -> np.ndarray:
-    """x_hat = code[q] * absmax_block (kernels.quant's Numba kernels); ``validate=False`` skips the checks."""
+def dequantize_4bit(
+    packed: np.ndarray, state, out: np.ndarray | None = None, validate: bool = True, serial: bool = False,
+) -> np.ndarray:
+    """x_hat = code[q] * absmax_block (kernels.quant's Numba kernels); ``validate=False`` skips the checks,
+    ``serial=True`` stays on the calling thread."""
     from kernels import quant
 
-    return quant.dequantize_4bit(packed, state, out, validate)
+    return quant.dequantize_4bit(packed, state, out, validate, serial)

@@ -363,6 +363,19 @@ def test_qlora_trains(dora: bool) -> None:
     np.testing.assert_array_equal(model.fc1.weight_packed, codes)  # the base never moves
 
 
+@pytest.mark.parametrize("quant,dq", QUANTS)
+def test_serial_dequantize_is_the_parallel_one_bit_for_bit(quant: str, dq: bool) -> None:
+    """The layer dequantizes on one thread (kernels.quant's serial twin of the parallel kernel)."""
+    g = rng(12)
+    for shape in [(512, 784), (7, 9), (1, 1), (10, 256), (33, 65)]:
+        for block in (32, 64, 4096):
+            x = (g.standard_normal(shape) * g.uniform(0.01, 10)).astype(np.float32)
+            packed, state = quantize_4bit(x, quant, block, dq)
+            a = dequantize_4bit(packed, state)
+            b = dequantize_4bit(packed, state, None, False, True)
+            assert a.view(np.uint32).tobytes() == b.view(np.uint32).tobytes(), (shape, block)
+
+
 # ------------------------------------------------------------------------------ row chunks
 
 

@@ -79,7 +79,9 @@ class _Base4bit:
         # validate=False: the arrays were checked when they were made, loaded or merged, and checking
         # them again on every forward would cost a quarter of the dequantize (and two GPU waits on CuPy)
         if self.backend.name == "numpy":
-            w = _dequantize_cpu(self.backend.kernels, packed, state, out)
+            # on one thread: a parallel region costs more than it saves at this size (a chunk is at
+            # most CHUNK_VALUES), and on a busy 2-core machine it also waits for a second core
+            w = self.backend.kernels.dequantize_4bit(packed, state, out, False, True)
         else:
             w = self.backend.kernels.dequantize_4bit(packed, state, out, False)
         if w.dtype != self.dtype:  # a float64 layer (gradient checks): one cast of the float32 values
@@ -117,26 +119,6 @@ class _Base4bit:
             sub = QuantState(shape=(r1 - r0, n_in), quant_type=state.quant_type, block_size=block,
                              absmax=absmax[v0 // block: -(-v1 // block)])
             yield r0, r1, self._dequantize(self.packed[v0 // 2: (v1 + 1) // 2], sub, buf[: r1 - r0])
-
-
-#: values per Numba thread when dequantizing on the CPU. A parallel region is only worth it for large
-#: weights: on a machine whose cores are busy (a shared 2-core box, say) a region waits for every thread
-#: to be scheduled, which measured 0.6-8 ms for a 512x784 weight that one thread dequantizes in ~0.15 ms.
-CPU_VALUES_PER_THREAD = 1 << 20
-
-
-def _dequantize_cpu(kernels: Any, packed: Any, state: QuantState, out: Any = None) -> Any:
-    import numba
-
-    threads = numba.get_num_threads()
-    want = max(1, min(threads, state.n // CPU_VALUES_PER_THREAD))
-    if want == threads:
-        return kernels.dequantize_4bit(packed, state, out, False)
-    numba.set_num_threads(want)  # per calling thread in Numba; restored below
-    try:
-        return kernels.dequantize_4bit(packed, state, out, False)
-    finally:
-        numba.set_num_threads(threads)
 
 
 #: Bytes of dequantized weights that ops may hold from their forward to their backward, process-wide.
