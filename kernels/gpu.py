@@ -376,8 +376,11 @@ def quantize_4bit(x: Any, quant_type: str = "nf4", block_size: int = 64, double_
     return quant_cuda.quantize_4bit(x, quant_type=quant_type, block_size=block_size, double_quant=double_quant)
 
 
-def dequantize_4bit(packed: Any, state: Any, out: Any | None = None, validate: bool = True) -> Any:
-    """x_hat = code[q] * absmax_block on the GPU (kernels.quant_cuda); ``validate=False`` skips the checks."""
+def dequantize_4bit(
+    packed: Any, state: Any, out: Any | None = None, validate: bool = True, serial: bool = False,
+) -> Any:
+    """x_hat = code[q] * absmax_block on the GPU (kernels.quant_cuda); ``validate=False`` skips the checks.
+    ``serial`` (a CPU option: stay on one thread) means nothing here."""
     from kernels import quant_cuda
 
     return quant_cuda.dequantize_4bit(packed, state, out, validate)
