@@ -233,6 +233,23 @@ def test_torch_models_compute_what_ours_compute(kind: str) -> None:
     assert n_ours == sum(p.numel() for p in tmodel.parameters() if p.requires_grad)
 
 
+def test_a_missing_method_is_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = variants.inject_adapters
+
+    def no_qlora(model, config, **kw):
+        if kw.get("quantize"):
+            raise ModuleNotFoundError("No module named 'minitorch_peft.peft.qlora'")
+        return real(model, config, **kw)
+
+    monkeypatch.setattr(variants, "inject_adapters", no_qlora)
+    v = variants.build("qlora", SMALL, get_backend("numpy"), 0)
+    assert not v.available and v.note == "not available: No module named 'minitorch_peft.peft.qlora'"
+    assert variants.build("lora", SMALL, get_backend("numpy"), 0).available
+    with pytest.raises(ModuleNotFoundError):  # the methods every section needs are never skipped
+        monkeypatch.setattr(variants, "inject_adapters", lambda *a, **k: (_ for _ in ()).throw(ModuleNotFoundError("x")))
+        variants.build("lora", SMALL, get_backend("numpy"), 0)
+
+
 def test_merged_variant_matches_unmerged() -> None:
     be = get_backend("numpy")
     x, *_ = variants.batch(SMALL, 8, be, seed=2)
