@@ -243,7 +243,7 @@ def targets_section(res: dict[str, Any]) -> list[str]:
         if t["value"] is None:
             mark, value = "·", "not measured" + (" (needs --compare torch)" if "PyTorch" in t["what"] else "")
         else:
-            mark, value = ("✓" if t["met"] else "✗"), f"{t['value']:.2f}x"
+            mark, value = ("✓" if t["met"] else "✗"), f"{t['value']:.3f}x"
         lines.append(f"    {mark} [{t['model']}] {t['what']}: {value} (target <= {t['limit']:g}x)")
     end = res["environment"].get("load_average_end")
     if end:
