@@ -90,7 +90,7 @@ def dora_merged_weight(layer: "LoRALinear", name: str) -> Any:
     xp = layer.weight.backend.xp
     scale = layer.lora_magnitude_vector[name].data / weight_norm(layer, name, w0)
     lossy = not bool(xp.all(scale != 0))
-    layer.dora_merge_state[name] = (scale, xp.asarray(w0, copy=True) if lossy else None)
+    layer.dora_merge_state[name] = (scale, xp.array(w0, copy=True) if lossy else None)
     return scale[:, None] * (w0 + layer.delta_weight(name))
 
 
