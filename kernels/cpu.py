@@ -11,6 +11,8 @@ import math
 import numpy as np
 from numba import njit
 
+from . import dora_grad as _dora_grad
+
 xp = np
 
 
@@ -160,39 +162,10 @@ def dora_backward(
     section 4.3) unless ``norm_grad``: then dL/dV = h V with V = W + s B A and h = -c dm / n, which
     adds s h (W A^T + s B A A^T) to dB and s (hB)^T (W + s B A) to dA, still without an (out x in) product.
     """
-    need_x, need_w, need_b, need_a, need_bm, need_m = need
-    out = g.shape[-1]
-    g2, z2 = g.reshape(-1, out), z.reshape(-1, out)
-    c = mag / n
-    gm = np.einsum("ij,ij->j", g2, z2) / n if (need_m or norm_grad) else None
-    gz = g * c
-    gz2 = gz.reshape(-1, out)
-    gbm = gz2.T @ u.reshape(-1, u.shape[-1]) if need_bm else None
-    gu = None
-    if need_a or need_x:
-        gu = gz @ bm
-        gu *= scaling
-    xs = x if xd is None else xd
-    ga = gu.reshape(-1, gu.shape[-1]).T @ xs.reshape(-1, x.shape[-1]) if need_a else None
-    gx = None
-    if need_x:
-        lora_part = gu @ a
-        if mask is not None:
-            lora_part *= mask
-        gx = gz @ w
-        gx += lora_part
-    gw = gz2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
-    gb = g2.sum(axis=0) if need_b else None
-    if norm_grad and (need_a or need_bm or need_w):
-        h = -c * gm / n
-        hb = bm * h[:, None]
-        if need_bm:
-            gbm += scaling * (h[:, None] * wa + scaling * (hb @ (a @ a.T)))
-        if need_a:
-            ga += scaling * (hb.T @ w + scaling * ((hb.T @ bm) @ a))
-        if need_w:
-            gw += h[:, None] * (w + scaling * (bm @ a))
-    return gx, gw, gb, ga, gbm, (gm if need_m else None)
+    return _dora_grad.dora_backward(
+        g, x, w, a, bm, mag, u, z, n, wa, scaling, need, xd, mask, norm_grad,
+        lora_backward=lora_backward, coldot=lambda p, q: np.einsum("ij,ij->j", p, q),
+    )
 
 
 # --------------------------------------------------------------------------------------------- relu

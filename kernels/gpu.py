@@ -17,6 +17,8 @@ from typing import Any
 import cupy
 import numpy as np
 
+from . import dora_grad as _dora_grad
+
 xp = cupy
 
 _kernels: dict[Any, Any] = {}  # compiled-once kernels, keyed by name (and dtypes for raw kernels)
@@ -142,39 +144,10 @@ def dora_backward(
     mask: Any | None = None, norm_grad: bool = False,
 ) -> tuple[Any | None, ...]:
     """Gradients of dora_forward for (x, W, b, A, B, m), each only if ``need`` says so (see kernels.cpu)."""
-    need_x, need_w, need_b, need_a, need_bm, need_m = need
-    out = g.shape[-1]
-    g2, z2 = g.reshape(-1, out), z.reshape(-1, out)
-    c = mag / n
-    gm = _rowdot(g2, z2, 0) / n if (need_m or norm_grad) else None
-    gz = g * c
-    gz2 = gz.reshape(-1, out)
-    gbm = gz2.T @ u.reshape(-1, u.shape[-1]) if need_bm else None
-    gu = None
-    if need_a or need_x:
-        gu = gz @ bm
-        gu *= scaling
-    xs = x if xd is None else xd
-    ga = gu.reshape(-1, gu.shape[-1]).T @ xs.reshape(-1, x.shape[-1]) if need_a else None
-    gx = None
-    if need_x:
-        lora_part = gu @ a
-        if mask is not None:
-            lora_part *= mask
-        gx = gz @ w
-        gx += lora_part
-    gw = gz2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
-    gb = g2.sum(axis=0) if need_b else None
-    if norm_grad and (need_a or need_bm or need_w):
-        h = -c * gm / n
-        hb = bm * h[:, None]
-        if need_bm:
-            gbm += scaling * (h[:, None] * wa + scaling * (hb @ (a @ a.T)))
-        if need_a:
-            ga += scaling * (hb.T @ w + scaling * ((hb.T @ bm) @ a))
-        if need_w:
-            gw += h[:, None] * (w + scaling * (bm @ a))
-    return gx, gw, gb, ga, gbm, (gm if need_m else None)
+    return _dora_grad.dora_backward(
+        g, x, w, a, bm, mag, u, z, n, wa, scaling, need, xd, mask, norm_grad,
+        lora_backward=lora_backward, coldot=lambda p, q: _rowdot(p, q, 0),
+    )
 
 
 # --------------------------------------------------------------------------------------------- relu
