@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .errors import MinitorchPeftError
+
 BACKENDS = ("numpy", "cupy")
 
 
-class BackendError(RuntimeError):
+class BackendError(MinitorchPeftError, RuntimeError):
     """A backend was asked for that cannot run here (unknown name, CuPy or GPU missing)."""
 
 
@@ -77,7 +79,7 @@ def get_backend(name: str | Backend = "numpy") -> Backend:
     if name == "numpy":
         import numpy
 
-        from kernels import cpu
+        from .kernels import cpu
 
         backend = Backend("numpy", numpy, cpu)
     elif name == "cupy":
@@ -102,7 +104,7 @@ def _load_cupy() -> tuple[ModuleType, ModuleType]:
         raise BackendError(f"backend 'cupy': CuPy is installed but no CUDA device is usable ({e})") from None
     if count < 1:
         raise BackendError("backend 'cupy': CuPy is installed but no CUDA GPU was found")
-    from kernels import gpu
+    from .kernels import gpu
 
     return cupy, gpu
 

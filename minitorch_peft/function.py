@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from . import tensor as _tensor
+from .errors import MinitorchPeftError
 from .tensor import Tensor
 
 
-class ShapeError(ValueError):
+class ShapeError(MinitorchPeftError, ValueError):
     """An op was given arrays whose shapes do not fit together."""
 
 

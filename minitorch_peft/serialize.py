@@ -17,8 +17,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import MinitorchPeftError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(MinitorchPeftError, ValueError):
     """A checkpoint file is missing, truncated, corrupted, or does not fit the model."""
 
 

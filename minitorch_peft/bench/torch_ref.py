@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import MinitorchPeftError
 from ..nn.module import Module
 from ..peft.model import lora_layers
 
 
-class TorchMissing(ValueError):
+class TorchMissing(MinitorchPeftError, ValueError):
     """--compare torch without PyTorch installed."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import MinitorchPeftError
 
-class DataError(Exception):
+
+class DataError(MinitorchPeftError):
     """A dataset file is missing, corrupt or could not be fetched; the message is one line."""
 
     def __init__(self, message: str) -> None:

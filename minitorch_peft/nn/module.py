@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import MinitorchPeftError
 from ..backend import Backend, backend_of, get_backend
 from ..tensor import Tensor
 
@@ -20,7 +21,7 @@ class Parameter(Tensor):
         super().__init__(data, requires_grad=requires_grad, backend=backend)
 
 
-class StateDictError(ValueError):
+class StateDictError(MinitorchPeftError, ValueError):
     """A state dict that does not fit the module: missing or unexpected keys, wrong shape or dtype."""
 
 

@@ -6,10 +6,12 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..errors import MinitorchPeftError
+
 INITS = ("kaiming", "gaussian")
 
 
-class AdapterError(ValueError):
+class AdapterError(MinitorchPeftError, ValueError):
     """An adapter setting, target or file that cannot work; the message names the problem."""
 
 

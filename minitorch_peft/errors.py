@@ -1,0 +1,16 @@
+"""The project's own error types: the ones the command line turns into one line instead of a traceback.
+
+Every error raised on purpose because of the user's input (a flag, a file, a config, a missing GPU)
+derives from ``MinitorchPeftError``; anything else that escapes is a bug and keeps its traceback.
+The subclasses also derive from the built-in type a Python caller would expect (``ValueError``...).
+"""
+
+from __future__ import annotations
+
+
+class MinitorchPeftError(Exception):
+    """Base of every error raised on purpose for bad input; the CLI prints it as ``error: <message>``."""
+
+
+class ConfigError(MinitorchPeftError, ValueError):
+    """A setting (a flag, a config field) that cannot be used, named in the message."""
