@@ -319,7 +319,7 @@ def sgd_step(
 
 def quantize_4bit(x: np.ndarray, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False):
     """Blockwise 4-bit quantization (kernels.quant's Numba kernels); ``(packed, QuantState)``."""
-    from kernels import quant
+    from . import quant
 
     return quant.quantize_4bit(x, quant_type=quant_type, block_size=block_size, double_quant=double_quant)
 
@@ -329,6 +329,6 @@ def dequantize_4bit(
 ) -> np.ndarray:
     """x_hat = code[q] * absmax_block (kernels.quant's Numba kernels); ``validate=False`` skips the checks,
     ``serial=True`` stays on the calling thread."""
-    from kernels import quant
+    from . import quant
 
     return quant.dequantize_4bit(packed, state, out, validate, serial)

@@ -344,7 +344,7 @@ def sgd_step(
 
 def quantize_4bit(x: Any, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False) -> Any:
     """Blockwise 4-bit quantization on the GPU (kernels.quant_cuda); codes bit-identical to the CPU's."""
-    from kernels import quant_cuda
+    from . import quant_cuda
 
     return quant_cuda.quantize_4bit(x, quant_type=quant_type, block_size=block_size, double_quant=double_quant)
 
@@ -354,6 +354,6 @@ def dequantize_4bit(
 ) -> Any:
     """x_hat = code[q] * absmax_block on the GPU (kernels.quant_cuda); ``validate=False`` skips the checks.
     ``serial`` (a CPU option: stay on one thread) means nothing here."""
-    from kernels import quant_cuda
+    from . import quant_cuda
 
     return quant_cuda.dequantize_4bit(packed, state, out, validate)

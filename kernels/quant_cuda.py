@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.quant import (
+from .quant import (
     DQ8_CODE,
     FP4_CODE,
     NF4_CODE,

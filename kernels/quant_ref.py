@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.quant import DQ_BLOCK_SIZE, QuantState, check_block_size, check_packed, check_quant_type
+from .quant import DQ_BLOCK_SIZE, QuantState, check_block_size, check_packed, check_quant_type
 
 __all__ = ["NF4_CODE", "FP4_CODE", "DQ8_CODE", "quantize_4bit", "dequantize_4bit", "nearest_index"]
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from op_cases import OPS, r  # noqa: E402
 
-import kernels.cpu as cpu  # noqa: E402
+import minitorch_peft.kernels.cpu as cpu  # noqa: E402
 import minitorch_peft.backend as backend_module  # noqa: E402
 from minitorch_peft import Tensor, manual_seed, nn, optim  # noqa: E402
 from minitorch_peft import functional as F  # noqa: E402
@@ -277,7 +277,7 @@ def test_checkpoints_cross_backends(backend: Backend, direction: str, tmp_path: 
 
 @pytest.mark.parametrize("quant_type, double_quant", [("nf4", False), ("nf4", True), ("fp4", True)])
 def test_quantization_codes_equal_the_cpu_kernel(backend: Backend, quant_type: str, double_quant: bool) -> None:
-    quant = pytest.importorskip("kernels.quant")
+    quant = pytest.importorskip("minitorch_peft.kernels.quant")
     x = f32(37, 29) * 2  # odd count: a half-filled last byte and a partial last block
     packed_ref, state_ref = quant.quantize_4bit(x, quant_type, 64, double_quant)
     packed, state = backend.kernels.quantize_4bit(backend.asarray(x), quant_type, 64, double_quant)

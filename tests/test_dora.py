@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gradcheck import as_leaf, gradcheck, numerical_grad  # noqa: E402
 
-import kernels.cpu as cpu  # noqa: E402
+import minitorch_peft.kernels.cpu as cpu  # noqa: E402
 from minitorch_peft import Tensor, manual_seed, no_grad  # noqa: E402
 from minitorch_peft import functional as F  # noqa: E402
 from minitorch_peft.checkpoint import load_model, save_model  # noqa: E402

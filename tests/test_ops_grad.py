@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gradcheck import as_leaf, gradcheck  # noqa: E402
 
-import kernels.cpu as cpu_kernels  # noqa: E402
+import minitorch_peft.kernels.cpu as cpu_kernels  # noqa: E402
 import minitorch_peft as mp  # noqa: E402
 from minitorch_peft import Tensor, nn  # noqa: E402
 from minitorch_peft import functional as F  # noqa: E402

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gradcheck import as_leaf, gradcheck  # noqa: E402
 
-from kernels.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from minitorch_peft.kernels.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 from minitorch_peft import Tensor, manual_seed, no_grad  # noqa: E402
 from minitorch_peft import functional as F  # noqa: E402
 from minitorch_peft.checkpoint import load_model, save_model  # noqa: E402
@@ -666,41 +666,27 @@ def test_backend_forward_and_round_trip(backend, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ CLI
 
-DATA = Path(os.environ.get("MINITORCH_PEFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+from conftest import DATA, assert_one_line_error, cli_main, needs_mnist  # noqa: E402
+
 TINY = ["--limit", "256", "--epochs", "1"]
 
 
 @pytest.fixture
-def cli_small(monkeypatch: pytest.MonkeyPatch):
+def cli_small(small_test_split: None):
     """cli.main on real MNIST with a 500-image test split (scoring all 10,000 would dominate these tests)."""
-    import minitorch_peft.data as data
-    import minitorch_peft.train as train
-
     import cli
 
-    real = data.load_mnist_like
-
-    def load(name, split, data_dir=None, limit=None):
-        return real(name, split, data_dir, limit=500 if split == "test" else limit)
-
-    monkeypatch.setenv("MINITORCH_PEFT_DATA", str(DATA))
-    monkeypatch.setattr(data, "load_mnist_like", load)
-    monkeypatch.setattr(train, "load_mnist_like", load)
     return cli
 
 
 def run_cli(cli, capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_main(capsys, *args)
 
 
 def one_line_error(cli, capsys, *args: str, needle: str) -> None:
-    code, _, err = run_cli(cli, capsys, *args)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    code, out, err = run_cli(cli, capsys, *args)
+    assert code == 2, err
+    assert_one_line_error((code, out, err), needle)
 
 
 @needs_mnist

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
         sys.exit(0)
 
     import numpy as np
-    from kernels import quant as Q, quant_cuda as C
+    from minitorch_peft.kernels import quant as Q, quant_cuda as C
 
     def same(a, b):
         a, b = np.asarray(a), np.asarray(b)
@@ -115,7 +115,7 @@ def test_cuda_kernels_match_cpu_under_the_simulator():
 
 def test_importing_the_quant_modules_does_not_import_numba_cuda():
     code = (
-        "import sys, kernels.quant, kernels.quant_ref, kernels.quant_cuda; "
+        "import sys, minitorch_peft.kernels.quant, minitorch_peft.kernels.quant_ref, minitorch_peft.kernels.quant_cuda; "
         "print(sorted(m for m in ('numba.cuda', 'cupy') if m in sys.modules))"
     )
     env = dict(os.environ)

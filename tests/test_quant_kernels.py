@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kernels import quant as Q
-from kernels import quant_ref as R
+from minitorch_peft.kernels import quant as Q
+from minitorch_peft.kernels import quant_ref as R
 
 IMPLS = [pytest.param(Q, id="numba"), pytest.param(R, id="numpy_ref")]
 

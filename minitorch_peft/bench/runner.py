@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..backend import get_backend
+from ..errors import ConfigError
 from . import numpy_ref, report, variants
 from .env import blas_threads, environment, load_average
 from .timing import Stats, interleaved, ratio
@@ -42,14 +43,14 @@ class BenchConfig:
     def validate(self) -> None:
         unknown = [m for m in self.models if m not in variants.MODELS]
         if not self.models or unknown:
-            raise ValueError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(variants.MODELS)}")
+            raise ConfigError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(variants.MODELS)}")
         bad = [c for c in self.compare if c != "torch"]
         if bad:
-            raise ValueError(f"--compare knows only 'torch', got {', '.join(bad)}")
+            raise ConfigError(f"--compare knows only 'torch', got {', '.join(bad)}")
         for name in ("batch_size", "forward_iters", "step_iters", "rounds"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
     # loop sizes: --quick keeps every section but runs short loops
     @property
@@ -288,7 +289,7 @@ def _bench_quant(cfg: BenchConfig, backend: Any) -> dict[str, Any]:
     dequantize = getattr(backend.kernels, "dequantize_4bit", None)
     if quantize is None or dequantize is None:
         try:
-            from kernels.quant import dequantize_4bit, quantize_4bit
+            from ..kernels.quant import dequantize_4bit, quantize_4bit
         except ImportError as e:
             return {"skipped": f"not available: {e}"}
         if backend.name != "numpy":

@@ -152,7 +152,7 @@ def quantized_base_bytes(full: Module, double_quant: bool) -> int | None:
     """Bytes of the frozen base with every Linear weight in NF4 (block 64): packed codes plus the quant
     state, plus the biases, which stay float32. None when the 4-bit kernels are not available."""
     try:
-        from kernels.quant import quantize_4bit
+        from ..kernels.quant import quantize_4bit
     except ImportError:
         return None
     total = 0
