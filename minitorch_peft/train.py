@@ -10,13 +10,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import functional as F
 from .backend import Backend, get_backend
 from .checkpoint import load_model, save_model
+from .errors import ConfigError
 from .data import iterate_batches, load_mnist_like, num_batches
 from .nn.layers import MLP
 from .optim import Adam
@@ -59,27 +60,27 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse settings that cannot train, naming the flag."""
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         for name in ("epochs", "batch_size", "rank"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.method in QUANTIZED_METHODS:
-            from kernels.quant import QUANT_TYPES, check_block_size
+            from .kernels.quant import QUANT_TYPES, check_block_size
 
             if self.quant not in QUANT_TYPES:
-                raise ValueError(f"--quant {self.quant!r} is not supported; use one of: {', '.join(QUANT_TYPES)}")
+                raise ConfigError(f"--quant {self.quant!r} is not supported; use one of: {', '.join(QUANT_TYPES)}")
             try:
                 check_block_size(self.block_size)
             except ValueError:
-                raise ValueError(f"--block-size must be a power of two from 32 to 4096, got {self.block_size!r}") from None
+                raise ConfigError(f"--block-size must be a power of two from 32 to 4096, got {self.block_size!r}") from None
         if self.method not in ("full", "head"):
             config = self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
             if not self.loraplus_ratio > 0:
-                raise ValueError(f"--loraplus-ratio must be > 0, got {self.loraplus_ratio}")
+                raise ConfigError(f"--loraplus-ratio must be > 0, got {self.loraplus_ratio}")
             if self.base is None:  # the default flow's MLP: targets and rank can be checked now
                 shapes = {f"fc{i + 1}": (n_in, n_out) for i, (n_in, n_out) in enumerate(zip(DIMS[:-1], DIMS[1:]))}
                 for target in self.targets:
@@ -221,19 +222,32 @@ class Progress:
             self.stream.write("\n")
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole job (load data, build, convert, train, evaluate, save) and return its metrics."""
-    cfg.validate()
-    backend: Backend = get_backend(cfg.backend)
-    manual_seed(cfg.seed)
+@dataclass
+class Data:
+    """The train and test splits, already on the backend's device (batches are views or gathers there)."""
+
+    x_train: Any
+    y_train: Any
+    x_test: Any
+    y_test: Any
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+
+def load_data(cfg: TrainConfig, backend: Backend, log: Callable[[str], None] = print) -> Data:
+    """Read the dataset (``--limit`` first training samples) and move it to the device once."""
     log(f"📦 Loading {cfg.dataset} dataset...")
     x_train, y_train = load_mnist_like(cfg.dataset, "train", cfg.data_dir, limit=cfg.limit)
     x_test, y_test = load_mnist_like(cfg.dataset, "test", cfg.data_dir)
     log(f"   {len(y_train):,} training and {len(y_test):,} test images")
-    # the data moves to the device once; batches are views or gathers on the device
-    xtr, ytr = backend.asarray(x_train), backend.asarray(y_train)
-    xte, yte = backend.asarray(x_test), backend.asarray(y_test)
+    return Data(backend.asarray(x_train), backend.asarray(y_train), backend.asarray(x_test), backend.asarray(y_test))
 
+
+def build_model(cfg: TrainConfig, backend: Backend, data: Data,
+                log: Callable[[str], None] = print) -> tuple[MLP, Adam, dict[str, int]]:
+    """The model (new, or ``--base``) prepared for ``cfg.method``, its optimizer and its parameter counts."""
     if cfg.base:
         log(f"📊 Loading base model from {cfg.base}...")
         model, _ = load_model(cfg.base)
@@ -242,9 +256,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                 f"--base {cfg.base} holds adapters ({', '.join(list_adapters(model))}); --method {cfg.method} needs a plain "
                 "model: fold them in first (cli.py merge --unload) or train another adapter with --adapter-name"
             )
-        if model.dims[0] != x_train.shape[1] or model.dims[-1] != 10:
+        n_in = int(data.x_train.shape[1])
+        if model.dims[0] != n_in or model.dims[-1] != 10:
             raise AdapterError(
-                f"--base {cfg.base} has shape {' -> '.join(map(str, model.dims))}; this data needs {x_train.shape[1]} -> ... -> 10"
+                f"--base {cfg.base} has shape {' -> '.join(map(str, model.dims))}; this data needs {n_in} -> ... -> 10"
             )
     else:
         log("📊 Creating baseline MLP...")
@@ -252,9 +267,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     baseline = model.num_parameters()
     log(f"   Baseline parameters: {baseline:,}")
     if cfg.base is None and cfg.method != "full":
-        log(f"   Baseline accuracy before fine-tuning (random init): {evaluate(model.to(backend), xte, yte):.2%}")
+        log(f"   Baseline accuracy before fine-tuning (random init): {evaluate(model.to(backend), data.x_test, data.y_test):.2%}")
     elif cfg.base:
-        log(f"   Base accuracy on {cfg.dataset} before fine-tuning: {evaluate(model.to(backend), xte, yte):.2%}")
+        log(f"   Base accuracy on {cfg.dataset} before fine-tuning: {evaluate(model.to(backend), data.x_test, data.y_test):.2%}")
 
     label = cfg.method.upper() if cfg.method != "full" else "full fine-tuning"
     log(f"\n🎯 Preparing {label} (rank={cfg.rank}, alpha={cfg.alpha:g})..." if cfg.method not in ("full", "head") else f"\n🎯 Preparing {label}...")
@@ -269,42 +284,80 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         q = quantized[0][1].quant_config()
         log(f"   Base weights in {q['quant_type']}{' + double quant' if q['double_quant'] else ''} (block {q['block_size']}): "
             f"{base_weight_nbytes(model):,} bytes (float32: {4 * sum(l.quantized_numel for _, l in quantized):,})")
-    optimizer = Adam(groups, lr=cfg.lr)
+    return model, Adam(groups, lr=cfg.lr), counts
 
-    log(f"\n🚀 Training for {cfg.epochs} epoch(s), batch {cfg.batch_size}, lr {cfg.lr:g}...")
+
+def train_epoch(model: MLP, optimizer: Adam, batches: Iterable[tuple[Any, Any]],
+                on_step: Callable[[int, Any], None] | None = None) -> Any:
+    """One pass over ``batches``; returns the summed loss as a device scalar (no host sync per step)."""
+    loss_sum = None
+    for i, (x, y) in enumerate(batches):
+        loss = F.cross_entropy(model(x), y)  # forward: builds the graph
+        optimizer.zero_grad()
+        loss.backward()                       # backward: fills .grad of the trainable tensors only
+        optimizer.step()                      # update: Adam on the trainable tensors
+        loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
+        if on_step is not None:
+            on_step(i, loss_sum)
+    return loss_sum
+
+
+def tensor_batches(data: Data, backend: Backend, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The epoch's shuffled batches as constant tensors (the permutation is seeded by ``seed`` and ``epoch``)."""
+    for xb, yb in iterate_batches(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed, epoch=epoch):
+        yield Tensor._make(xb, backend, False), Tensor._make(yb, backend, False)
+
+
+def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Backend,
+        log: Callable[[str], None] = print) -> tuple[list[float], float]:
+    """``cfg.epochs`` epochs of ``train_epoch``, each followed by a test-set evaluation.
+
+    Returns the per-epoch test accuracies and the seconds spent training (evaluation excluded).
+    """
     accuracies: list[float] = []
-    steps = num_batches(len(y_train), cfg.batch_size)
+    steps = num_batches(data.n_train, cfg.batch_size)
     model.train()
-    t0 = time.perf_counter()
     train_time = 0.0
-    seen = 0
     for epoch in range(cfg.epochs):
         bar = Progress(f"Epoch {epoch + 1}/{cfg.epochs}", steps)
-        running, n_loss = 0.0, 0
-        loss_sum = backend.xp.zeros((), dtype=np.float32)  # summed on the device: no sync per step
-        epoch_start = time.perf_counter()
-        for i, (xb, yb) in enumerate(iterate_batches(xtr, ytr, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)):
-            loss = F.cross_entropy(model(Tensor._make(xb, backend, False)), Tensor._make(yb, backend, False))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.data
-            n_loss += 1
-            seen += int(yb.shape[0])
+
+        def show(i: int, loss_sum: Any) -> None:
             if bar.tty and (i % 50 == 0 or i == steps - 1):
-                running = float(loss_sum) / n_loss
-                bar.update(i + 1, seen - epoch * len(y_train), running)
-        running = float(loss_sum) / max(n_loss, 1)
+                bar.update(i + 1, min((i + 1) * cfg.batch_size, data.n_train), float(loss_sum) / (i + 1))
+
+        epoch_start = time.perf_counter()
+        loss_sum = train_epoch(model, optimizer, tensor_batches(data, backend, cfg.batch_size, cfg.seed, epoch), show)
+        running = float(loss_sum) / steps if loss_sum is not None else 0.0
         train_time += time.perf_counter() - epoch_start
-        bar.update(steps, seen - epoch * len(y_train), running, force=True)
+        bar.update(steps, data.n_train, running, force=True)
         bar.close()
-        acc = evaluate(model, xte, yte)
+        acc = evaluate(model, data.x_test, data.y_test)
         accuracies.append(acc)
         log(f"   Epoch {epoch + 1}: train loss {running:.4f}, test accuracy {acc:.2%}")
+    return accuracies, train_time
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole job (load data, build, convert, train, evaluate, save) and return its metrics."""
+    cfg.validate()
+    backend: Backend = get_backend(cfg.backend)
+    manual_seed(cfg.seed)
+    data = load_data(cfg, backend, log)
+    model, optimizer, counts = build_model(cfg, backend, data, log)
+
+    log(f"\n🚀 Training for {cfg.epochs} epoch(s), batch {cfg.batch_size}, lr {cfg.lr:g}...")
+    t0 = time.perf_counter()
+    accuracies, train_time = fit(cfg, model, optimizer, data, backend, log)
     wall = time.perf_counter() - t0
 
     output = Path(cfg.output)
     save_model(model, output, extra={"training": {**asdict(cfg), "test_accuracy": accuracies}})
+    return report(cfg, backend, counts, accuracies, train_time, wall, output, cfg.epochs * data.n_train, log)
+
+
+def report(cfg: TrainConfig, backend: Backend, counts: dict[str, int], accuracies: list[float], train_time: float,
+           wall: float, output: Path, seen: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The run's metrics (what ``--json`` writes), and the closing lines of the log."""
     metrics = {
         "method": cfg.method,
         "backend": backend.name,

@@ -1,12 +1,20 @@
-"""Shared fixtures: ``backend`` runs a test once per array backend ("numpy", and "cupy" where it can run).
+"""Shared fixtures and helpers.
 
-The cupy case is skipped, with the reason in the test report, when CuPy is not installed or no CUDA
-GPU is usable, so the suite passes unchanged on a CPU-only machine and covers the GPU path on a GPU one.
+``backend`` runs a test once per array backend ("numpy", and "cupy" where it can run). The cupy case is
+skipped, with the reason in the test report, when CuPy is not installed or no CUDA GPU is usable, so the
+suite passes unchanged on a CPU-only machine and covers the GPU path on a GPU one.
+
+The command-line helpers (``run_cli`` in a subprocess, ``cli_main`` in this process, ``assert_one_line_error``)
+and the data location (``DATA``, ``needs_mnist``) live here once for every test file.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +48,54 @@ def backend_param(name: str) -> object:
 def backend(request: pytest.FixtureRequest) -> Backend:
     """The Backend object of each available array backend in turn (``backend.name``, ``.xp``, ``.kernels``)."""
     return get_backend(request.param)
+
+
+# ------------------------------------------------------------------------------ the command line
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MINITORCH_PEFT_DATA", ROOT.parent / "shared" / "data"))
+needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python cli.py ARGS`` in a fresh process (from the repository root, reading the data from ``DATA``)."""
+    full_env = {**os.environ, "MINITORCH_PEFT_DATA": str(DATA), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def cli_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI's ``main`` in this process (fast: no interpreter start); returns (exit code, stdout, stderr)."""
+    from minitorch_peft.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str] | tuple[int, str, str], *needles: str) -> str:
+    """A non-zero exit with exactly one ``error: ...`` line on stderr, holding every needle; returns that line."""
+    code, out, err = (result.returncode, result.stdout, result.stderr) if isinstance(result, subprocess.CompletedProcess) else result
+    assert code != 0, out
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def small_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real MNIST, but a 500-image test split: scoring all 10,000 in every CLI test would dominate the suite."""
+    import minitorch_peft.data as data
+    import minitorch_peft.train as train
+
+    real = data.load_mnist_like
+
+    def load(name: str, split: str, data_dir: str | None = None, limit: int | None = None):
+        return real(name, split, data_dir, limit=500 if split == "test" else limit)
+
+    monkeypatch.setenv("MINITORCH_PEFT_DATA", str(DATA))
+    monkeypatch.setattr(data, "load_mnist_like", load)
+    monkeypatch.setattr(train, "load_mnist_like", load)

@@ -17,7 +17,8 @@ from minitorch_peft.bench import numpy_ref, runner, variants
 from minitorch_peft.bench.timing import Stats, interleaved
 from minitorch_peft.peft.model import lora_layers
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, assert_one_line_error, run_cli
+
 SMALL = [784, 512, 256, 10]
 
 
@@ -27,18 +28,6 @@ def have(module: str) -> bool:
     except ImportError:
         return False
     return True
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
 
 
 # ------------------------------------------------------------------------------------ the real command
@@ -134,7 +123,7 @@ def test_compare_torch_without_torch_is_one_line(tmp_path: Path) -> None:
     (fake / "__init__.py").write_text("raise ImportError('No module named torch')\n")
     proc = run_cli("bench", "--quick", "--models", "small", "--compare", "torch",
                    env={"PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    one_line_error(proc, "needs PyTorch")
+    assert_one_line_error(proc, "needs PyTorch")
 
 
 @pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
@@ -154,15 +143,15 @@ def test_gpu_backend_with_cpu_only_torch_skips_the_comparison() -> None:
 
 
 def test_bad_flags_are_one_line(tmp_path: Path) -> None:
-    one_line_error(run_cli("bench", "--models", "huge"), "unknown model")
-    one_line_error(run_cli("bench", "--epoch", "--data-dir", str(tmp_path)), "not found")  # before any timing
-    one_line_error(run_cli("bench", "--compare", "jax"), "--compare")
-    one_line_error(run_cli("bench", "--rounds", "0"), "--rounds")
+    assert_one_line_error(run_cli("bench", "--models", "huge"), "unknown model")
+    assert_one_line_error(run_cli("bench", "--epoch", "--data-dir", str(tmp_path)), "not found")  # before any timing
+    assert_one_line_error(run_cli("bench", "--compare", "jax"), "--compare")
+    assert_one_line_error(run_cli("bench", "--rounds", "0"), "--rounds")
 
 
 @pytest.mark.skipif(have("matplotlib"), reason="matplotlib is installed")
 def test_plot_without_matplotlib_is_one_line(tmp_path: Path) -> None:
-    one_line_error(run_cli("bench", "--quick", "--plot", str(tmp_path / "b.png")), "matplotlib")
+    assert_one_line_error(run_cli("bench", "--quick", "--plot", str(tmp_path / "b.png")), "matplotlib")
 
 
 @pytest.mark.skipif(not have("matplotlib"), reason="matplotlib not installed")

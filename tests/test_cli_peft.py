@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MINITORCH_PEFT_DATA", ROOT.parent / "shared" / "data"))
+from conftest import DATA, ROOT, assert_one_line_error, cli_main
+
 pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
 
 import cli  # noqa: E402
@@ -41,9 +41,7 @@ def small_real_data() -> None:
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_main(capsys, *args)
 
 
 def ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -53,10 +51,7 @@ def ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], *args: str, needle: str) -> None:
-    code, _, err = run(capsys, *args)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code != 0 and len(lines) == 1, err
-    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert_one_line_error(run(capsys, *args), needle)
 
 
 def metrics(path: Path) -> dict:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kernels.quant import QuantState, check_block_size, check_packed, check_quant_type
+from ..kernels.quant import QuantState, check_block_size, check_packed, check_quant_type
 
 from ..backend import Backend, backend_of
 from ..function import Context, Function
@@ -108,9 +108,9 @@ class _Base4bit:
             return
         state, n_in, block = self.state, self.state.shape[1], self.state.block_size
         if self.backend.name == "numpy":
-            from kernels.quant import dequantize_absmax
+            from ..kernels.quant import dequantize_absmax
         else:
-            from kernels.quant_cuda import dequantize_absmax
+            from ..kernels.quant_cuda import dequantize_absmax
         absmax = dequantize_absmax(state)  # per block, 1/block of the weight's size
         xp = self.backend.xp
         buf = xp.empty((spans[0][1], n_in), dtype=xp.float32)
@@ -410,11 +410,11 @@ class QLoRALinear(LoRALinear):
         w = linear.weight
         be = w.backend
         if np.dtype(w.dtype).kind != "f":
-            raise ValueError(f"cannot quantize a base weight of dtype {w.dtype}")
+            raise AdapterError(f"cannot quantize a base weight of dtype {w.dtype}")
         try:
             packed, state = be.kernels.quantize_4bit(w.data, quant_type, block_size, bool(double_quant))
         except ValueError as e:
-            raise ValueError(
+            raise AdapterError(
                 f"cannot quantize the {linear.out_features}x{linear.in_features} base weight to {quant_type}: {e}"
             ) from None
         Module.__init__(self)
@@ -613,9 +613,9 @@ def check_quantizable(name: str, linear: Linear, quant_type: str, block_size: in
     check_block_size(block_size)
     w = linear.weight
     if np.dtype(w.dtype).kind != "f":
-        raise ValueError(f"cannot quantize {name}.weight: dtype {w.dtype} is not floating point")
+        raise AdapterError(f"cannot quantize {name}.weight: dtype {w.dtype} is not floating point")
     if not bool(w.backend.xp.all(w.backend.xp.isfinite(w.data))):
-        raise ValueError(f"cannot quantize {name}.weight to {quant_type}: it contains NaN or Inf")
+        raise AdapterError(f"cannot quantize {name}.weight to {quant_type}: it contains NaN or Inf")
 
 
 def quantized_layers(model: Module) -> list[tuple[str, QLoRALinear]]:

@@ -1,0 +1,61 @@
+"""The click group, the options several commands share, and the boundary where errors become one line."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import click
+
+from ..errors import MinitorchPeftError
+
+
+class UserError(MinitorchPeftError):
+    """A problem with the user's input at the command line, reported as one line."""
+
+
+@contextlib.contextmanager
+def user_paths() -> Iterator[None]:
+    """Around reading or writing the paths the user gave: an OS error there (a missing folder, no permission)
+    is the user's to fix and becomes one line. OS errors anywhere else stay bugs with tracebacks."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise
+        where = f"{e.filename!r}" if e.filename2 is None else f"{e.filename!r} -> {e.filename2!r}"
+        raise UserError(f"{where}: {e.strerror or e}") from None
+
+
+def write_json(path: str | None, obj: dict[str, Any]) -> None:
+    if path:
+        from ..serialize import save_json
+
+        with user_paths():
+            save_json(path, obj)
+
+
+def split(value: str | None) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']; empty items are dropped."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def floats(value: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in split(value)]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers, got {value!r}") from None
+
+
+BACKEND = click.option("--backend", default="numpy", show_default=True, type=click.Choice(["numpy", "cupy"]),
+                       help="Array backend: numpy (CPU) or cupy (CUDA GPU).")
+DATASET = click.option("--dataset", default="mnist", show_default=True, type=click.Choice(["mnist", "fashion-mnist"]),
+                       help="Dataset to train or score on.")
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                        help="Folder holding mnist/ and fashion-mnist/ (else $MINITORCH_PEFT_DATA, else the cache).")
+JSON = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write metrics as JSON here.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """LoRA / DoRA / QLoRA fine-tuning on a hand-written autograd engine."""

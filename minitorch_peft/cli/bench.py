@@ -1,0 +1,45 @@
+"""``bench``: full fine-tuning against LoRA, DoRA and QLoRA: parameters, memory and speed, all measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, write_json
+
+
+@cli.command()
+@BACKEND
+@click.option("--models", default="small,medium", show_default=True, callback=lambda ctx, param, v: split(v),
+              help="Comma-separated: small (784-512-256-10), medium (784-2048-1024-10).")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Samples per step.")
+@click.option("--quick", is_flag=True, default=False, help="Short loops (every section, less precision).")
+@click.option("--compare", default=None, help="torch: time the same models in PyTorch side by side (needs PyTorch).")
+@click.option("--epoch", is_flag=True, default=False,
+              help="Also time one epoch of the real train loop over MNIST (vs PyTorch with --compare torch).")
+@DATA_DIR
+@click.option("--forward-iters", type=int, default=None, help="Forward calls per variant (default 1000; --quick 100).")
+@click.option("--step-iters", type=int, default=None, help="Training steps per variant (default 100; --quick 30).")
+@click.option("--rounds", type=int, default=None, help="Interleaved rounds (default 20; --quick 5).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write bar charts to this PNG (needs matplotlib: pip install 'minitorch_peft[plot]').")
+@JSON
+def bench(json_path: str | None, plot_path: str | None, compare: str | None, **kwargs: Any) -> None:
+    """LoRA / DoRA / QLoRA vs full fine-tuning: parameters, memory and speed, all measured."""
+    from ..bench import BenchConfig, run
+    from ..bench.report import plot
+
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib, which is not installed: pip install 'minitorch_peft[plot]'") from None
+    cfg = BenchConfig(compare=split(compare), **kwargs)
+    cfg.validate()
+    results = run(cfg, log=click.echo)
+    write_json(json_path, results)
+    if plot_path:
+        with user_paths():
+            plot(results, plot_path)
+        click.echo(f"\nPlot written to {plot_path}")

@@ -1,0 +1,52 @@
+"""``train``: fine-tune the MLP with a PEFT method, evaluate each epoch, save the model folder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .app import BACKEND, DATA_DIR, DATASET, JSON, cli, split, user_paths, write_json
+
+
+@cli.command()
+@BACKEND
+@DATASET
+@click.option("--method", default="lora", show_default=True,
+              help="lora | dora | lora-plus | qlora | qdora (4-bit base) | head (only the last layer trains) | full "
+                   "(see the README for the family).")
+@click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank r.")
+@click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scaling alpha/r).")
+@click.option("--rslora", is_flag=True, default=False, help="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+@click.option("--dropout", default=0.0, show_default=True, type=float, help="Dropout on the adapter's input, in [0, 1).")
+@click.option("--targets", default="fc1,fc2,fc3", show_default=True, callback=lambda ctx, param, v: split(v),
+              help="Comma-separated modules to adapt (exact names or dotted suffixes).")
+@click.option("--loraplus-ratio", default=16.0, show_default=True, type=float,
+              help="lora-plus: B's learning rate is lr times this.")
+@click.option("--adapter-name", default="default", show_default=True,
+              help="Name of the new adapter; with --base holding adapters, it is added beside them.")
+@click.option("--quant", default="nf4", show_default=True, help="qlora/qdora: 4-bit format of the base, nf4 or fp4.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="qlora/qdora: quantize the per-block absmax to 8 bits as well.")
+@click.option("--block-size", default=64, show_default=True, type=int,
+              help="qlora/qdora: weights per absmax block (a power of two, 32..4096).")
+@click.option("--epochs", default=3, show_default=True, type=int, help="Passes over the training set.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Samples per optimizer step.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--seed", default=42, show_default=True, type=int, help="Seed of the initial weights and the batch order.")
+@click.option("--output", default="./tmp/peft-mnist", show_default=True, type=click.Path(file_okay=False),
+              help="Model folder to write (config.json, base.npz, adapters.npz).")
+@DATA_DIR
+@click.option("--base", type=click.Path(), default=None, help="Start from a model saved by an earlier run.")
+@click.option("--limit", type=int, default=None, help="Train on the first N training samples only.")
+@JSON
+def train(json_path: str | None, **kwargs: Any) -> None:
+    """Fine-tune the 784-512-256-10 MLP with a PEFT method, evaluate each epoch, save the model."""
+    from ..train import TrainConfig, train as run
+
+    cfg = TrainConfig(**kwargs)
+    cfg.validate()  # before the banner: a bad flag should print one line and nothing else
+    click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
+    with user_paths():
+        metrics = run(cfg, log=click.echo)
+    write_json(json_path, metrics)
