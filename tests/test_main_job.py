@@ -17,6 +17,7 @@ from conftest import DATA, ROOT, assert_one_line_error, needs_mnist, run_cli
 needs_data = needs_mnist
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("method,extra,floor", [("full", [], 0.85), ("lora", ["--lr", "5e-3"], 0.85)])
 def test_train_then_infer_reproduces_accuracy(tmp_path: Path, method: str, extra: list[str], floor: float) -> None:
@@ -78,6 +79,7 @@ def test_corrupt_idx_file_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(proc, "train-images-idx3-ubyte")
 
 
+@pytest.mark.slow
 @needs_data
 def test_corrupt_model_folder_is_one_line(tmp_path: Path) -> None:
     out = tmp_path / "model"
@@ -100,6 +102,7 @@ def test_base_of_another_shape_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 @needs_data
 def test_ctrl_c_leaves_earlier_checkpoint_intact(tmp_path: Path) -> None:
     out = tmp_path / "model"

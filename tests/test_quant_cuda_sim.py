@@ -99,6 +99,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_cuda_kernels_match_cpu_under_the_simulator():
     env = dict(os.environ)
     env["NUMBA_ENABLE_CUDASIM"] = "1"
