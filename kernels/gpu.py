@@ -257,9 +257,7 @@ def _device_index(index: Any) -> Any:
 
 def index_add(target: Any, index: object, values: Any) -> Any:
     """target[index] += values, accumulating over repeated indices (the backward of indexing)."""
-    import cupyx
-
-    cupyx.scatter_add(target, _device_index(index), values)
+    cupy.add.at(target, _device_index(index), values)  # (cupyx.scatter_add is deprecated)
     return target
 
 

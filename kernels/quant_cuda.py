@@ -157,10 +157,12 @@ def _build_kernels() -> dict:
 
     @cuda.jit
     def dq_absmax(codes, nb, gshift, scale, offset, code8, out):
-        """out[i] = float32(code8[codes[i]] * scale[i >> gshift]) + offset, two roundings."""
+        """out[i] = float32(code8[codes[i]] * scale[i >> gshift]) + offset[0], two roundings.
+
+        ``offset`` is a one-value device array: read here, it costs the host no wait for the GPU."""
         i = cuda.grid(1)
         if i < nb:
-            out[i] = add_rn(mul_rn(code8[codes[i]], scale[i >> gshift]), offset)
+            out[i] = add_rn(mul_rn(code8[codes[i]], scale[i >> gshift]), offset[0])
 
     return dict(
         absmax_bits=absmax_bits,
@@ -308,10 +310,14 @@ def dequantize_absmax(state: QuantState):
     xp = array_module(codes)
     nb = int(codes.size)
     out = xp.empty(nb, dtype=xp.float32)
-    offset = np.float32(to_host(state.absmax_offset).reshape(()))
+    # The offset stays on the device (a one-value view, float32 as the CPU path uses): copying it to the
+    # host here would make every double-quant dequantize, so every QLoRA forward, wait for the GPU.
+    offset = state.absmax_offset.reshape(1)
+    if offset.dtype != np.float32:
+        offset = offset.astype(xp.float32)
     _launch(
         _kernels()["dq_absmax"], nb, _in(xp, codes), nb, _log2(DQ_BLOCK_SIZE), _in(xp, state.absmax_scale),
-        offset,
+        _in(xp, offset),
         _table(xp, "dq8_code", DQ8_CODE), out,
     )
     return out

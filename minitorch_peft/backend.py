@@ -7,6 +7,7 @@ engine knows whether it runs on NumPy or CuPy.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -104,6 +105,14 @@ def _load_cupy() -> tuple[ModuleType, ModuleType]:
         raise BackendError(f"backend 'cupy': CuPy is installed but no CUDA device is usable ({e})") from None
     if count < 1:
         raise BackendError("backend 'cupy': CuPy is installed but no CUDA GPU was found")
+    # Set before numba.cuda is first imported (kernels.quant_cuda imports it on first use; numba-cuda reads
+    # its config then). By default numba-cuda synchronizes the exporter's stream for every CuPy argument
+    # of every launch, so each 4-bit dequantize would wait for the GPU. That wait buys nothing here: CuPy
+    # and numba-cuda both launch on the legacy default stream (CuPy's current stream is that stream
+    # unless a user switches to a non-blocking one), so stream order already puts a kernel after the
+    # CuPy work that produced its inputs. A value the user set is kept. To be confirmed on a GPU
+    # (scripts/gpu_check.sh: the QLoRA tests and the cupy epoch against NumPy).
+    os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
     from .kernels import gpu
 
     return cupy, gpu
