@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,3 +101,47 @@ def small_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MINITORCH_PEFT_DATA", str(DATA))
     monkeypatch.setattr(data, "load_mnist_like", load)
     monkeypatch.setattr(train, "load_mnist_like", load)
+
+
+# ------------------------------------------------------------------ running without hypothesis
+# scripts/gpu_check.sh runs the GPU tests on a machine whose Python may have no hypothesis build (its wheels
+# are compiled for one Python version). Only there, with MINITORCH_PEFT_TESTS_WITHOUT_HYPOTHESIS=1 and
+# hypothesis failing to import, the test files that import it are not collected, and the report says which
+# and why. Anywhere else a missing hypothesis stays a collection error.
+_HYPOTHESIS_IMPORT = re.compile(r"^\s*(from\s+hypothesis[\s.]|import\s+hypothesis\b)", re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def hypothesis_missing_reason() -> str | None:
+    """Why the hypothesis-based test files are left out here, or None when they are collected as usual."""
+    if os.environ.get("MINITORCH_PEFT_TESTS_WITHOUT_HYPOTHESIS") != "1":
+        return None
+    try:
+        import hypothesis  # noqa: F401
+    except Exception as e:  # ImportError, or a compiled module built for another Python
+        return f"hypothesis cannot be imported here ({e.__class__.__name__}: {e})"
+    return None
+
+
+_left_out: list[str] = []
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    reason = hypothesis_missing_reason()
+    if reason and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        if _HYPOTHESIS_IMPORT.search(collection_path.read_text(encoding="utf-8")):
+            _left_out.append(collection_path.name)
+            return True
+    return None
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    reason = hypothesis_missing_reason()
+    return f"{reason}: test files importing it are not collected" if reason else None
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _left_out:
+        terminalreporter.write_line(
+            f"NOT COLLECTED {', '.join(sorted(set(_left_out)))}: {hypothesis_missing_reason()}"
+        )
