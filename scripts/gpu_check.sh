@@ -113,6 +113,8 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/minitorch_peft-gpu-check.XXXXXX")" || exit 2
 SITE="$WORK/site"
 SUMMARY="$OUT/summary.txt"
 PHASES="$WORK/phases.tsv"
+rm -f "$OUT"/summary.txt "$OUT"/summary.json "$OUT"/env.txt "$OUT"/smoke.log "$OUT"/pytest-cupy.log "$OUT"/train.log \
+    "$OUT"/logs.tar.gz "$OUT"/bench-b*.log "$OUT"/bench-b*.json  # this script's own files from an earlier run
 : > "$SUMMARY"
 : > "$PHASES"
 FAILED=0
@@ -305,7 +307,7 @@ NP_T0=$SECONDS
 
 t0=$SECONDS
 t=$(limit 120)
-timeout -k 5 "$t" "$PY" -m pytest -q -rs -p no:cacheprovider -k "cupy or simulator" \
+timeout -k 5 "$t" "$PY" -m pytest -q -rs --durations=15 -p no:cacheprovider -k "cupy or simulator" \
     --junitxml="$WORK/pytest-cupy.xml" tests > "$OUT/pytest-cupy.log" 2>&1
 rc=$?
 tally="$(grep -E '(passed|failed|error)' "$OUT/pytest-cupy.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')"
@@ -367,7 +369,7 @@ EOF
         *) record FAIL compare 0 "$(echo "$line" | tail -1 | cut -c1-200)" ;;
     esac
 else
-    record SKIP compare 0 "an epoch did not finish"
+    record SKIP compare 0 "no result from the$([ -f "$WORK/train-numpy.json" ] || echo ' numpy')$([ -f "$WORK/train-cupy.json" ] || echo ' cupy') epoch"
 fi
 {
     for f in train-cupy train-numpy infer-cupy infer-numpy-from-cupy; do
