@@ -231,3 +231,108 @@ def gradcheck(
             raise
         return False
     return True
+
+
+# ------------------------------------------------------------------------------------------- the suite
+
+
+@dataclass
+class Check:
+    """One named gradient check: ``fn(*inputs)`` with central-difference step ``eps``; ``covers``: op classes."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    inputs: list[Tensor]
+    eps: float = 1e-6
+    covers: tuple[str, ...] = ()
+
+
+def standard_checks() -> list[Check]:
+    """A float64 check of every op in ``ops.py`` and of the Linear, LoRA, DoRA and 4-bit layers.
+
+    Shapes are small and fixed (seeded), so the whole list runs in seconds. DoRA's default backward treats
+    the norm as a constant, which is not the derivative of its forward: there x and m (which do not enter
+    the norm) are checked numerically; the full derivative is checked with ``dora_norm_grad=True``.
+    """
+    from . import functional as F
+    from . import ops
+    from .nn.layers import Linear
+    from .peft import LoraConfig, LoRALinear, QLoRALinear
+    from .random import manual_seed
+
+    rng = np.random.default_rng(0)
+
+    def r(*shape: int, positive: bool = False) -> Tensor:
+        a = rng.standard_normal(shape)
+        return as_leaf(np.abs(a) + 0.5 if positive else a)
+
+    mask = (rng.random((4, 5)) >= 0.5) * 2.0
+    labels = np.array([0, 2, 1, 2])
+    checks = [
+        Check("add (broadcast)", lambda a, b: a + b, [r(2, 3), r(3)], covers=("Add",)),
+        Check("sub (broadcast)", lambda a, b: a - b, [r(2, 1, 3), r(4, 3)], covers=("Sub",)),
+        Check("mul (broadcast)", lambda a, b: a * b, [r(3), r(2, 3)], covers=("Mul",)),
+        Check("div", lambda a, b: a / b, [r(2, 3), r(2, 1, positive=True)], covers=("Div",)),
+        Check("neg", lambda a: -a, [r(2, 2)], covers=("Neg",)),
+        Check("pow (tensor ** tensor)", lambda a, b: a ** b, [r(2, 3, positive=True), r(3)], covers=("Pow",)),
+        Check("sqrt", lambda a: a.sqrt(), [r(5, positive=True)], covers=("Pow",)),
+        Check("exp", lambda a: a.exp(), [r(2, 3)], covers=("Exp",)),
+        Check("log", lambda a: a.log(), [r(2, 3, positive=True)], covers=("Log",)),
+        Check("relu", lambda a: a.relu(), [as_leaf(np.array([[-1.3, 0.4, 2.0], [0.7, -0.2, -3.1]]))], covers=("ReLU",)),
+        # float32 in the middle rounds x +- eps: a larger step keeps that rounding far below the tolerance
+        Check("cast (float64 -> float32 -> float64)", lambda a: a.float().double() * 3.0, [r(3)], eps=1e-2,
+              covers=("Cast",)),
+        Check("matmul (batched, broadcast)", lambda a, b: a @ b, [r(2, 2, 3), r(3, 4)], covers=("MatMul",)),
+        Check("matmul (vector @ matrix)", lambda a, b: a @ b, [r(3), r(3, 4)], covers=("MatMul",)),
+        Check("linear", lambda x, w, b: F.linear(x, w, b), [r(4, 3), r(2, 3), r(2)], covers=("Linear",)),
+        Check("sum (axes, keepdims)", lambda a: a.sum(axis=(0, 2), keepdims=True), [r(2, 3, 4)], covers=("Sum",)),
+        Check("mean (axis)", lambda a: a.mean(axis=-1), [r(2, 3)], covers=("Mean",)),
+        Check("max (axis)", lambda a: a.max(axis=1), [r(3, 4)], covers=("Max",)),
+        Check("reshape", lambda a: a.reshape(3, 2), [r(2, 3)], covers=("Reshape",)),
+        Check("transpose (axes)", lambda a: a.transpose(1, 0, 2), [r(2, 3, 4)], covers=("Transpose",)),
+        Check("getitem (slice, fancy)", lambda a: a[np.array([0, 2, 0]), 1:], [r(3, 4)], covers=("GetItem",)),
+        Check("log_softmax", lambda a: a.log_softmax(axis=1), [r(4, 3)], covers=("LogSoftmax",)),
+        Check("cross_entropy", lambda a: F.cross_entropy(a, labels), [r(4, 3)], covers=("CrossEntropy",)),
+        Check("dropout (fixed mask)", lambda a: ops.Dropout.apply(a, Tensor(mask)), [r(4, 5)], covers=("Dropout",)),
+    ]
+
+    def lora_layer(use_dora: bool = False, norm_grad: bool = False) -> LoRALinear:
+        manual_seed(0)
+        layer = LoRALinear.from_linear(Linear(9, 5, dtype=np.float64),
+                                       config=LoraConfig(r=2, lora_alpha=3, use_dora=use_dora, dora_norm_grad=norm_grad))
+        layer.lora_B["default"].data[...] = rng.standard_normal((5, 2))  # B = 0 at init would hide the A path
+        return layer
+
+    def qlora_layer(use_dora: bool = False, norm_grad: bool = False) -> QLoRALinear:
+        manual_seed(0)
+        layer = QLoRALinear.from_linear(Linear(70, 6, dtype=np.float64), quant_type="nf4", double_quant=True,
+                                        config=LoraConfig(r=3, lora_alpha=5, use_dora=use_dora, dora_norm_grad=norm_grad))
+        layer.lora_B["default"].data[...] = rng.standard_normal((6, 3))
+        return layer
+
+    def adapter(layer: LoRALinear, with_m: bool = True) -> list[Tensor]:
+        ts = [layer.lora_A["default"], layer.lora_B["default"]]
+        if with_m and "default" in layer.lora_magnitude_vector:
+            ts.append(layer.lora_magnitude_vector["default"])
+        return ts
+
+    manual_seed(0)
+    lin = Linear(9, 5, dtype=np.float64)
+    checks.append(Check("nn.Linear (x, weight, bias)", lambda x, w, b: lin(x), [r(4, 9), lin.weight, lin.bias]))
+    lo = lora_layer()
+    checks.append(Check("LoRALinear (x, A, B; base frozen)", lambda x, a, b: lo(x), [r(4, 9), *adapter(lo)]))
+    d0 = lora_layer(use_dora=True)
+    checks.append(Check("DoRA, detached norm (x, m)", lambda x, m: d0(x),
+                        [r(4, 9), d0.lora_magnitude_vector["default"]]))
+    d1 = lora_layer(use_dora=True, norm_grad=True)
+    checks.append(Check("DoRA, dora_norm_grad (x, A, B, m)", lambda x, a, b, m: d1(x), [r(4, 9), *adapter(d1)]))
+    q = qlora_layer()
+    checks.append(Check("QLoRALinear 4-bit NF4 (x, A, B)", lambda x, a, b: q(x), [r(5, 70), *adapter(q)]))
+    qd = qlora_layer(use_dora=True, norm_grad=True)
+    checks.append(Check("QDoRA 4-bit, dora_norm_grad (x, A, B, m)", lambda x, a, b, m: qd(x), [r(5, 70), *adapter(qd)]))
+    return checks
+
+
+def covered_ops() -> set[str]:
+    """Names of the ops.py Function classes that ``standard_checks`` covers."""
+    return {name for c in standard_checks() for name in c.covers}
