@@ -134,7 +134,7 @@ def _activation_bytes(ctx: Any, leaf_data: set[int]) -> tuple[int, list[Saved]]:
 
 
 def _leaf_label(t: Tensor, names: Mapping[int, str]) -> str:
-    return names.get(id(t)) or t.name or "tensor"
+    return names.get(id(t)) or t.name or "const"
 
 
 def format_graph(root: Tensor, names: Any = None) -> str:
