@@ -71,9 +71,17 @@ class _Recorder:
         kind = leaf_kind(t) if t._ctx is None else ""
         return name + (" [frozen]" if kind == "frozen" else "")
 
+    def described(self, t: Any) -> str:
+        """'fc1.weight (512, 784) frozen', 'x (64, 784)', '#2 (64, 512)', or a number's repr."""
+        if not isinstance(t, Tensor):
+            return repr(t)
+        label = self.label(t)
+        frozen = label.endswith(" [frozen]")
+        return f"{label.replace(' [frozen]', '')} {_shape(t.shape)}" + (" frozen" if frozen else "")
+
     def on_forward(self, fn: type, inputs: tuple[Any, ...], out: Tensor) -> None:
         ctx = out._ctx
-        ins = " · ".join(f"{_shape(t.shape)} {self.label(t)}" if isinstance(t, Tensor) else repr(t) for t in inputs)
+        ins = ", ".join(self.described(t) for t in inputs)
         if ctx is None:
             self.forward.append(f"  -- {fn.__name__:<18}{ins} -> {_shape(out.shape)}   not recorded (no input needs a gradient)")
             return
@@ -85,7 +93,7 @@ class _Recorder:
                 self.leaf_data.add(id(t.data))
         base = _held_base(ctx)
         if base is not None:
-            ins += f" · {_shape(tuple(base.state.shape))} 4-bit base [frozen]"
+            ins += f", 4-bit base {_shape(tuple(base.state.shape))} frozen"
         new, refs = 0, 0
         for s in saved_arrays(ctx):
             if s.array_id in self.leaf_data:
