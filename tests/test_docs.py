@@ -2,7 +2,8 @@
 
 Each docs/*.md file's python blocks run in order in one namespace (a chapter builds on its earlier
 blocks), in a fresh temporary directory. Blocks fenced as ```text or ```console are output, not run;
-a block fenced as ```text output is what the python block before it prints, and is checked against it.
+a block fenced as ```text output is what the python block before it prints, and is checked against it;
+a block fenced as ```python quote=PATH quotes that file and must appear in it, line for line (not run).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,11 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 def python_blocks(path: Path) -> list[str]:
     return [body for info, body in blocks(path) if info == "python"]
+
+
+def quotes(path: Path) -> list[tuple[str, str]]:
+    """(quoted file, body) of every ```python quote=PATH block."""
+    return [(info.split("quote=", 1)[1].strip(), body) for info, body in blocks(path) if "quote=" in info]
 
 
 def blocks(path: Path) -> list[tuple[str, str]]:
@@ -65,6 +72,23 @@ def test_every_python_block_runs(path: Path, tmp_path, monkeypatch) -> None:
         except Exception as e:  # name the block: the traceback alone points at a string
             raise AssertionError(f"{path.name}, python block {i} of {n_python} failed: {type(e).__name__}: {e}") from e
         printed = out.getvalue()
+
+
+def _dedented_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in textwrap.dedent(text).strip("\n").splitlines()]
+
+
+def test_code_quoted_in_the_docs_is_still_in_the_code() -> None:
+    found = 0
+    for path in [DOCS / "README.md", *CHAPTERS]:
+        for source, body in quotes(path):
+            want = _dedented_lines(body)
+            lines = (ROOT / source).read_text(encoding="utf-8").splitlines()
+            n = len(want)
+            hit = any(_dedented_lines("\n".join(lines[i:i + n])) == want for i in range(len(lines) - n + 1))
+            assert hit, f"{path.name}: the code quoted from {source} is no longer there:\n{body}"
+            found += 1
+    assert found >= 3
 
 
 def test_chapters_teach_with_running_code() -> None:
