@@ -153,3 +153,14 @@ def test_cli_gradcheck_fails_on_a_wrong_backward(capsys, monkeypatch) -> None:
     assert [line for line in out.splitlines() if line.endswith("FAIL")][0].startswith("exp")
     assert "MISMATCH: gradient of input 0" in out
     assert_one_line_error((code, out, err), "gradcheck failed for 1 of", "exp")
+
+
+def test_cli_trace_update_doc_without_markers_is_one_line(capsys, tmp_path, monkeypatch) -> None:
+    from minitorch_peft import trace as tr
+
+    page = tmp_path / "02.md"
+    page.write_text("# a page without the generated blocks\n")
+    monkeypatch.setattr(tr, "DOC_PATH", page)
+    assert_one_line_error(cli_main(capsys, "trace", "--update-doc"), "no generated block for --method lora")
+    monkeypatch.setattr(tr, "DOC_PATH", tmp_path / "missing.md")
+    assert_one_line_error(cli_main(capsys, "trace", "--update-doc"), "missing.md")

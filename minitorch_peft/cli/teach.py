@@ -85,8 +85,11 @@ def trace(method: str, batch_size: int, update_doc: bool) -> None:
     from .. import trace as tr
 
     if update_doc:
-        with user_paths():
-            current = tr.update_doc(tr.DOC_PATH)
+        try:
+            with user_paths():
+                current = tr.update_doc(tr.DOC_PATH)
+        except ValueError as e:  # the page lost its markers: say which, do not guess where to write
+            raise UserError(str(e)) from None
         click.echo(f"{tr.DOC_PATH}: {'already current' if current else 'traces regenerated'}")
         return
     click.echo(tr.method_trace(method, batch_size).text(), nl=False)
