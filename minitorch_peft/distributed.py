@@ -255,10 +255,14 @@ class World:
         self.wait(self.comm.Iallgatherv(mine, [out, (counts, displs), self.MPI.BYTE]), what)
         return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
 
+    def barrier(self, what: str) -> None:
+        """Wait (bounded) until every rank gets here."""
+        self.calls += 1
+        self.wait(self.comm.Ibarrier(), what)
+
     def finish(self) -> None:
         """The run ended well on this rank: wait (bounded) for every rank to get here, then MPI may finalize."""
-        self.calls += 1
-        self.wait(self.comm.Ibarrier(), "the other ranks to finish")
+        self.barrier("the other ranks to finish")
         self.state = "done"
 
     # ------------------------------------------------------------------------------ training

@@ -268,3 +268,31 @@ def test_hung_rank_ends_the_other_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 of 2 stopped: rank 0 waited 5 s"), result.stderr
     assert "Traceback" not in result.stderr
     assert seconds < 2 * 5 + 10
+
+
+# ------------------------------------------------------------------------------------------- bench --distributed
+
+
+def test_bench_distributed_without_mpi4py_is_one_line(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "mpi4py" else real(name, *a))
+    assert_one_line_error(cli_main(capsys, "bench", "--distributed", "--quick"), "pip install 'minitorch_peft[mpi]'")
+
+
+@needs_mpi
+def test_bench_distributed_reads_the_bytes_from_the_live_buffer(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    result = run_cli("bench", "--distributed", "--quick", "--models", "small", "--json", str(tmp_path / "d.json"))
+    assert result.returncode == 0, result.stderr
+    methods = json.loads((tmp_path / "d.json").read_text())["models"]["small"]["methods"]
+    # trainable elements x 4 bytes: LoRA r=8 on fc1..fc3 = 8 x (784+512 + 512+256 + 256+10) = 18,640; full = 535,818
+    assert {k: m["allreduce_bytes"] for k, m in methods.items()} == {
+        "full": 2_143_272, "lora": 74_560, "dora": 77_672, "qlora": 74_560}
+    for m in methods.values():
+        assert m["allreduce_bytes"] == 4 * m["trainable"] and m["step_ms_1"] > 0 and m["step_ms_2"] > 0
+        assert 0 < m["allreduce_ms_2"] < m["step_ms_2"]
+    assert "74,560 B" in result.stdout and "2,143,272 B" in result.stdout
