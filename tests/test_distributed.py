@@ -165,6 +165,7 @@ def test_all_reduce_buffer_holds_exactly_the_trainable_gradients(two_rank_weight
 TRAIN = ["cli.py", "train", "--limit", "650", "--epochs", "1"]
 
 
+@pytest.mark.slow
 @needs_mpi
 @needs_mnist
 def test_cli_two_ranks_match_one_process_and_its_accuracy(tmp_path: Path) -> None:
@@ -184,6 +185,7 @@ def test_cli_two_ranks_match_one_process_and_its_accuracy(tmp_path: Path) -> Non
     assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["ranks"] == 2
 
 
+@pytest.mark.slow
 @needs_mpi
 @needs_mnist
 def test_ranks_that_disagree_stop_with_one_line_each(tmp_path: Path) -> None:
@@ -245,6 +247,7 @@ def _stop_rank_mid_run(tmp_path: Path, sig: int, extra: list[str]) -> tuple[subp
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out) + rest, err), time.perf_counter() - stopped
 
 
+@pytest.mark.slow
 @needs_mpi
 @needs_mnist
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid in /proc (Linux)")
@@ -257,6 +260,7 @@ def test_killed_rank_ends_the_job_at_once(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and not (tmp_path / "k").exists()
 
 
+@pytest.mark.slow
 @needs_mpi
 @needs_mnist
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid in /proc (Linux)")
@@ -282,6 +286,7 @@ def test_bench_distributed_without_mpi4py_is_one_line(capsys: pytest.CaptureFixt
     assert_one_line_error(cli_main(capsys, "bench", "--distributed", "--quick"), "pip install 'minitorch_peft[mpi]'")
 
 
+@pytest.mark.slow
 @needs_mpi
 def test_bench_distributed_reads_the_bytes_from_the_live_buffer(tmp_path: Path) -> None:
     from conftest import run_cli
