@@ -292,7 +292,7 @@ class World:
                                                                               "transport": self.transport}})
         wrapped = DistributedOptimizer(optimizer, self, self.transport)
         self.seed_dropout(agreement.get("config", {}).get("seed", 0))
-        log(f"\n🌐 Data parallel: {self.size} ranks ({self.library}); all-reduce over {wrapped.transport}: "
+        log(f"\n🌐 Data parallel: {self.size} rank{'s' if self.size > 1 else ''} ({self.library}); all-reduce over {wrapped.transport}: "
             f"{wrapped.buffer.size:,} {np.dtype(wrapped.buffer.dtype).name} = {wrapped.nbytes:,} bytes per step, "
             f"one call; bounded wait {self.timeout:g} s")
         return wrapped
