@@ -21,13 +21,13 @@ FLOAT_DTYPES = ("float32", "float64")
 MAX_LAYERS = 64
 MAX_PARAMETERS = 1 << 30  # about 4 GiB of float32: far above any model this project trains
 MAX_RANK = 1 << 16
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")  # a key part of fc1.lora_A.<name>: no dots, no spaces
+ADAPTER_NAME = re.compile(r"^[^.\s/\\]{1,128}$")  # a key part of fc1.lora_A.<name>: no dots, spaces or slashes
 
 
 def check_adapter_name(name: Any, what: str = "adapter name") -> str:
     """An adapter name must be a non-empty word (letters, digits, _ and -): it becomes part of array keys."""
     if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-        raise CheckpointError(f"{what} must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+        raise CheckpointError(f"{what} must be 1 to 128 characters without dots, spaces or slashes, got {name!r}")
     return name
 
 
