@@ -172,7 +172,7 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, flo
         request = urllib.request.Request(url, headers={"User-Agent": "minitorch_peft"})
         _progress(f"Downloading {url} ...")
         with os.fdopen(fd, "wb") as out, _open(request, timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0)
+            total = int(getattr(response, "headers", {}).get("Content-Length") or 0)
             while chunk := response.read(_CHUNK):
                 size += len(chunk)
                 if size > MAX_BYTES:
