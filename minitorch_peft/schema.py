@@ -113,7 +113,7 @@ def validate_model_config(config: Any, source: str) -> None:
     for name, raw in adapters.items():
         validate_adapter_entry(name, raw, source)
     active = config.get("active_adapter")
-    if active is not None and active not in adapters:
+    if active is not None and (not isinstance(active, str) or active not in adapters):
         raise CheckpointError(f"{source}: 'active_adapter' {active!r} is not one of the adapters ({', '.join(adapters)})")
     quant = config.get("quantization")
     if quant is not None:

@@ -166,6 +166,9 @@ def load_adapters(model: Module, path: str | Path) -> list[str]:
     adapters, shapes = raw.get("adapters"), raw.get("base_shapes")
     if not isinstance(adapters, dict) or not adapters or not isinstance(shapes, dict):
         raise AdapterError(f"{source}: 'adapters' and 'base_shapes' must be objects")
+    active = raw.get("active_adapter")
+    if active is not None and (not isinstance(active, str) or active not in adapters):
+        raise AdapterError(f"{source}: 'active_adapter' {active!r} is not one of the adapters ({', '.join(adapters)})")
     from ..schema import validate_adapter_entry
 
     for n, c in adapters.items():
