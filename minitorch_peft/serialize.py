@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import tokenize
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -122,9 +123,10 @@ def npz_headers(path: str | Path, max_bytes: int | None = None) -> dict[str, tup
                 out[name] = (tuple(int(d) for d in shape), dtype)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, SyntaxError, TypeError,
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, SyntaxError, TypeError, tokenize.TokenError,
             NotImplementedError, RuntimeError, zipfile.LargeZipFile, UnicodeDecodeError, OverflowError) as e:
-        # read_array_header raises ValueError for a malformed header dict; zipfile may raise
+        # read_array_header raises ValueError for a malformed header dict (tokenize.TokenError for an
+        # unclosed one: NumPy tokenizes headers of old files); zipfile may raise
         # NotImplementedError (unknown compression) or RuntimeError (encrypted member)
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({e})") from None
     if max_bytes is not None and total > max_bytes:
