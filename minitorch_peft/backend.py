@@ -21,6 +21,9 @@ class BackendError(MinitorchPeftError, RuntimeError):
     """A backend was asked for that cannot run here (unknown name, CuPy or GPU missing)."""
 
 
+DEVICE_BACKENDS = ("cupy",)  # backends whose arrays live on an accelerator
+
+
 @dataclass(frozen=True, eq=False)
 class Backend:
     """An array module (``xp``) plus the kernels written for it.
@@ -55,6 +58,11 @@ class Backend:
         if array_type is not None:
             return isinstance(a, array_type)
         return _root_module(a) == self.xp.__name__.split(".")[0] and hasattr(a, "shape")
+
+    @property
+    def host_memory(self) -> bool:
+        """Whether the arrays live in host memory, so reading a scalar result costs no device sync."""
+        return self.name not in DEVICE_BACKENDS
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"

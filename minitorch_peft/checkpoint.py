@@ -9,19 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .backend import Backend
 from .nn.layers import MLP
 from .nn.module import Module, StateDictError
 from .peft.config import AdapterError, LoraConfig
 from .peft.model import add_adapter, inject_adapters, lora_layers, set_adapter
-from .serialize import CheckpointError, atomic_directory, load_json, load_npz, save_json, save_npz
+from .schema import FLOAT_DTYPES, FORMAT, VERSION, check_against_arrays, implied_shapes, validate_model_config
+from .serialize import CheckpointError, atomic_directory, check_finite, load_json, load_npz, npz_headers, save_json, save_npz
 
-FORMAT = "minitorch_peft"
-VERSION = 1
 ADAPTER_KEYS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 
-
-FLOAT_DTYPES = ("float32", "float64")
 
 
 def _float_dtype(model: Module) -> str:
@@ -57,51 +56,84 @@ def model_config(model: MLP) -> dict[str, Any]:
     return config
 
 
-def save_model(model: MLP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the folder ``path`` atomically: the previous checkpoint there survives any failure."""
+def save_model(model: MLP, path: str | Path, extra: dict[str, Any] | None = None,
+               files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write the folder ``path`` atomically: the previous checkpoint there survives any failure.
+
+    ``extra``: more top-level keys for ``config.json`` (e.g. the training settings). ``files``: more
+    ``.npz`` files written inside the same atomic save, file name -> {array name -> array} (e.g. an
+    optimizer's state for resuming: ``{"optimizer.npz": {...}}``); ``load_npz(path / name)`` reads one back.
+    A model holding NaN or infinity is refused before anything is written: it could never be loaded.
+    """
     path = Path(path)
     state = model.state_dict()
     config = {**model_config(model), **(extra or {})}
+    files = dict(files or {})
+    for name in files:
+        if name in RESERVED_FILES or not name.endswith(".npz") or "/" in name or name.startswith("."):
+            raise ValueError(f"save_model: extra file name {name!r} must be a plain '*.npz' name other than {', '.join(RESERVED_FILES)}")
+    check_finite(state, f"model to save to {path}")
     with atomic_directory(path) as tmp:
         save_npz(tmp / "base.npz", {k: v for k, v in state.items() if not is_adapter_key(k)})
         adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
         if adapters:
             save_npz(tmp / "adapters.npz", adapters)
+        for name, arrays in files.items():
+            save_npz(tmp / name, arrays)
         save_json(tmp / "config.json", config)
     return path
+
+
+RESERVED_FILES = ("config.json", "base.npz", "adapters.npz")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The checked ``config.json`` of model folder ``path``, and its arrays' shapes checked from the headers.
+
+    Nothing is allocated here beyond the JSON: ``load_model`` calls it before building the model.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model folder not found{_interrupted_hint(path)}")
+    source = str(path / "config.json")
+    config = load_json(path / "config.json")
+    validate_model_config(config, source)
+    base, adapters = implied_shapes(config)
+    budget = 8 * sum(int(np.prod(s)) for s in (*base.values(), *adapters.values())) + (1 << 20)
+    check_against_arrays(base, npz_headers(path / "base.npz", max_bytes=budget), str(path / "base.npz"))
+    if "adapters" in config:
+        check_against_arrays(adapters, npz_headers(path / "adapters.npz", max_bytes=budget), str(path / "adapters.npz"))
+    return config
+
+
+def _interrupted_hint(path: Path) -> str:
+    """Where a save killed between its two renames (file systems without an atomic exchange) left the old copy."""
+    olds = sorted(path.parent.glob(f".{path.name}.*.old")) if path.parent.is_dir() else []
+    return f" (an interrupted save left the previous copy in {olds[-1]})" if olds else ""
 
 
 def load_model(path: str | Path, backend: str | Backend = "numpy") -> tuple[MLP, dict[str, Any]]:
     """Rebuild and fill the model saved in folder ``path``; every problem is one CheckpointError."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: model folder not found")
-    config = load_json(path / "config.json")
+    config = read_config(path)  # schema and shapes checked before anything is allocated
     model = build_from_config(config, str(path / "config.json"))
     state = load_npz(path / "base.npz")
     if "adapters" in config:
         state.update(load_npz(path / "adapters.npz"))
     try:
-        model.load_state_dict(state, source=str(path))
+        model.load_state_dict(state, source=str(path))  # keys, shapes, dtypes, 4-bit state: named errors
     except StateDictError as e:
         raise CheckpointError(str(e)) from None
+    for name in ("base.npz", "adapters.npz"):  # then no NaN / inf anywhere (the model is dropped if so)
+        check_finite({k: v for k, v in state.items() if (name == "adapters.npz") == is_adapter_key(k)}, str(path / name))
     return model.to(backend), config
 
 
 def build_from_config(config: Any, source: str) -> MLP:
     """An MLP of the saved structure (random values), with the saved adapters and quantization."""
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{source}: not a {FORMAT} model config")
-    if config.get("version") != VERSION:
-        raise CheckpointError(f"{source}: config version {config.get('version')!r}, this build reads {VERSION}")
-    arch = config.get("architecture")
-    dims = arch.get("dims") if isinstance(arch, dict) else None
-    if (not isinstance(dims, list) or len(dims) < 2
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
-        raise CheckpointError(f"{source}: 'architecture.dims' must be a list of positive integers, got {dims!r}")
-    dtype = arch.get("dtype", "float32")  # absent in folders written before dtypes were recorded
-    if dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"{source}: 'architecture.dtype' must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    validate_model_config(config, source)  # types, ranges, names and size: before allocating anything
+    arch = config["architecture"]
+    dims, dtype = arch["dims"], arch.get("dtype", "float32")
     model = MLP(dims, dtype=dtype)
     adapters = config.get("adapters")
     if adapters is None:

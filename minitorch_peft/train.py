@@ -7,6 +7,7 @@ parameter groups; everything else (data, loop, evaluation, metrics) is shared by
 from __future__ import annotations
 
 import io
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,10 @@ import numpy as np
 from . import functional as F
 from .backend import Backend, get_backend
 from .checkpoint import load_model, save_model
-from .errors import ConfigError
+from .errors import ConfigError, MinitorchPeftError
+from .outputs import check_output
+from .schema import check_adapter_name
+from .serialize import CheckpointError
 from .data import iterate_batches, load_mnist_like, num_batches
 from .distributed import Solo, World, agreement_record
 from .nn.layers import MLP
@@ -66,8 +70,17 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "alpha", "dropout", "loraplus_ratio"):  # nan and inf pass '> 0'-style checks
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
+        try:
+            check_adapter_name(self.adapter_name, "--adapter-name")
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.method in QUANTIZED_METHODS:
@@ -90,6 +103,7 @@ class TrainConfig:
                         raise AdapterError(f"target module {target!r} matches no Linear module; available: {', '.join(shapes)}")
                     config.check_fits(target, *shapes[target])
         get_backend(self.backend)
+        check_output(self.output, "--output")  # a folder we may replace, and writable: before any work
 
     def lora_config(self, **overrides: Any) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.rslora,
@@ -325,8 +339,10 @@ def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Back
     train_time = 0.0
     for epoch in range(cfg.epochs):
         bar = Progress(f"Epoch {epoch + 1}/{cfg.epochs}", steps, stream=None if world.is_main else io.StringIO())
+        guard = LossGuard(backend, cfg, epoch, steps)
 
         def show(i: int, loss_sum: Any) -> None:
+            guard.step(i, loss_sum)
             if bar.tty and (i % 50 == 0 or i == steps - 1):
                 bar.update(i + 1, min((i + 1) * global_batch, data.n_train), float(loss_sum) / (i + 1))
 
@@ -343,6 +359,56 @@ def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Back
         accuracies.append(acc)
         log(f"   Epoch {epoch + 1}: train loss {running:.4f}, test accuracy {acc:.2%}")
     return accuracies, train_time
+
+
+class NonFiniteLoss(MinitorchPeftError, FloatingPointError):
+    """Training diverged: the loss became NaN or infinite; nothing is saved."""
+
+
+class LossGuard:
+    """Stops training at the first non-finite loss, naming the epoch and the step.
+
+    Where the arrays live in host memory reading the 0-d running loss costs nothing, so every step is
+    checked. On a device that would add a host sync per step, so the running losses are kept (device
+    scalars) and checked in one transfer every ``every`` steps and at the end of the epoch; the first
+    bad step is then found in that history. The running sum of non-negative losses stays non-finite
+    once one step's loss is, so the first non-finite sum is the first bad step.
+    """
+
+    def __init__(self, backend: Backend, cfg: TrainConfig, epoch: int, steps: int, every: int = 50) -> None:
+        self.backend, self.cfg, self.epoch, self.steps, self.every = backend, cfg, epoch, steps, every
+        self.history: list[Any] = []
+        self.first = 0  # step index of history[0]
+
+    def step(self, i: int, loss_sum: Any) -> None:
+        if self.backend.host_memory:
+            value = float(loss_sum)
+            if not math.isfinite(value):
+                raise self._error(i, value)
+            return
+        if not self.history:
+            self.first = i
+        self.history.append(loss_sum)
+        if (i + 1) % self.every == 0 or i == self.steps - 1:
+            self.check()
+
+    def check(self) -> None:
+        if not self.history:
+            return
+        xp = self.backend.xp
+        sums = self.backend.to_numpy(xp.stack(self.history))  # one transfer for the whole stretch
+        self.history.clear()
+        bad = np.flatnonzero(~np.isfinite(sums))
+        if bad.size:
+            raise self._error(self.first + int(bad[0]), float(sums[bad[0]]))
+
+    def _error(self, i: int, value: float) -> NonFiniteLoss:
+        cfg = self.cfg
+        rates = f"--lr {cfg.lr:g}" + (f" with --loraplus-ratio {cfg.loraplus_ratio:g}" if cfg.method == "lora-plus" else "")
+        return NonFiniteLoss(
+            f"training stopped: the loss became {value} at epoch {self.epoch + 1}, step {i + 1} of {self.steps}; "
+            f"likely cause: a learning rate too high for this model ({rates}) or non-finite input data; nothing was saved"
+        )
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | World = Solo()) -> dict[str, Any] | None:

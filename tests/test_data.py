@@ -513,7 +513,7 @@ def test_ctrl_c_mid_download_removes_temp_file(monkeypatch: pytest.MonkeyPatch, 
                 raise KeyboardInterrupt
             return b"x" * 100
 
-    monkeypatch.setattr(dl.urllib.request, "urlopen", lambda *a, **k: Response())
+    monkeypatch.setattr(dl, "_open", lambda *a, **k: Response())
     with pytest.raises(KeyboardInterrupt):
         dl.download_file("f.gz", tmp_path, ["http://127.0.0.1:9/"], "0" * 64, timeout=1)
     assert list(tmp_path.iterdir()) == []

@@ -22,11 +22,13 @@ def main(argv: list[str] | None = None, prog_name: str = "cli.py") -> int:
     """Run the CLI; expected failures become one line on stderr and exit status 2 (130 on Ctrl-C)."""
     try:
         cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was saved; any earlier checkpoint is unchanged", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        # with standalone_mode=False click turns Ctrl-C into Abort (from the KeyboardInterrupt);
+        # every save is atomic, so an interrupted command has written nothing over an earlier checkpoint
+        if isinstance(e, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+            click.echo("interrupted: nothing was saved; any earlier checkpoint is unchanged", err=True)
+        else:
+            click.echo("interrupted", err=True)
         return 130
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
-from .app import JSON, UserError, cli, floats, split, user_paths, write_json
+from .app import JSON, UserError, cli, floats, output_folder, split, user_paths, write_json
 
 
 @cli.command()
@@ -27,6 +29,11 @@ def merge(model_dir: str, adapters: str | None, weights: str | None, combination
     from ..checkpoint import load_model, save_model
     from ..peft import AdapterError, active_adapter, combine_adapters, list_adapters, merge_and_unload, set_adapter
 
+    output_folder(output)
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if density is not None and not math.isfinite(density):
+        raise UserError(f"--density must be a finite number in (0, 1], got {density}")
     with user_paths():
         model, _ = load_model(model_dir)
     have = list_adapters(model)
@@ -61,6 +68,7 @@ def export_peft(model_dir: str, adapter: str | None, output: str) -> None:
     from ..checkpoint import load_model
     from ..peft import active_adapter, save_peft
 
+    output_folder(output, kind="peft")
     with user_paths():
         model, _ = load_model(model_dir)
     name = adapter or active_adapter(model)
@@ -78,7 +86,14 @@ def import_peft(base: str, peft_dir: str, adapter_name: str, output: str) -> Non
     """Load a Hugging Face PEFT LoRA / DoRA adapter onto a base model folder and save the result."""
     from ..checkpoint import load_model, save_model
     from ..peft import load_peft
+    from ..schema import check_adapter_name
+    from ..serialize import CheckpointError
 
+    try:
+        check_adapter_name(adapter_name, "--adapter-name")
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    output_folder(output)
     with user_paths():
         model, _ = load_model(base)
         load_peft(model, peft_dir, adapter_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator
 
 import click
@@ -42,9 +43,19 @@ def split(value: str | None) -> list[str]:
 
 def floats(value: str, flag: str) -> list[float]:
     try:
-        return [float(v) for v in split(value)]
+        numbers = [float(v) for v in split(value)]
     except ValueError:
         raise UserError(f"{flag} must be comma-separated numbers, got {value!r}") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise UserError(f"{flag} must be finite numbers, got {value!r}")
+    return numbers
+
+
+def output_folder(path: str, flag: str = "--output", kind: str = "model") -> None:
+    """The output policy (``minitorch_peft.outputs``), applied at a command's start, before any work."""
+    from ..outputs import check_output
+
+    check_output(path, flag, kind)  # type: ignore[arg-type]
 
 
 BACKEND = click.option("--backend", default="numpy", show_default=True, type=click.Choice(["numpy", "cupy"]),

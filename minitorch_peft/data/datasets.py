@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,7 +98,7 @@ def find_split_files(
     *,
     download: bool = True,
     mirrors: list[str] | tuple[str, ...] | None = None,
-    timeout: float = 60.0,
+    timeout: float | tuple[float, float] = (_download.CONNECT_TIMEOUT, _download.READ_TIMEOUT),
 ) -> tuple[Path, Path]:
     """Return the (images, labels) paths for a split, downloading into the cache if they are missing there."""
     _check_name(name)
@@ -146,6 +150,64 @@ def decode_split(images_path: str | os.PathLike[str], labels_path: str | os.Path
     return x, labels.astype(np.int64)
 
 
+VERIFIED_FILE = "verified.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path) -> tuple[str, list[int]]:
+    st = path.stat()
+    return str(path.resolve()), [st.st_size, st.st_mtime_ns]
+
+
+def _read_verified() -> dict[str, object]:
+    try:
+        stamps = json.loads((cache_dir() / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def verify_canonical(name: str, path: Path) -> None:
+    """Check a file carrying a canonical name and size (``download.CANONICAL``) against its known SHA-256.
+
+    A file of another size under that name is either damaged in its length (which the IDX checks refuse:
+    the header fixes the length) or the user's own data; a flipped byte keeps the size and is caught
+    here. A file once verified is remembered in ``<cache>/verified.json`` by path, size and
+    modification time, so later runs do not hash 55 MB again; any change to the file makes it checked anew.
+    """
+    known = _download.CANONICAL.get(name, {}).get(path.name)
+    if known is None:
+        return
+    size, sha = known
+    key, stamp = _stamp(path)
+    if stamp[0] != size:
+        return
+    stamps = _read_verified()
+    if stamps.get(key) == [*stamp, sha]:
+        return
+    got = _sha256(path)
+    if got != sha:
+        raise DataError(
+            f"{path}: SHA-256 {got} is not the canonical {name} {path.name} ({sha}): the file is damaged or "
+            f"altered; delete it (a fresh copy is downloaded into the cache when missing)"
+        )
+    stamps[key] = [*stamp, sha]
+    with contextlib.suppress(OSError):  # remembering is an optimisation: a read-only cache only costs time
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(stamps, f)
+        os.replace(tmp, folder / VERIFIED_FILE)
+
+
 # Decoded splits keyed by file identity, so repeated loads (e.g. per experiment) skip the gunzip.
 _CACHE: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -175,6 +237,8 @@ def load_mnist_like(
     images_path, labels_path = find_split_files(name, split, data_dir, download=download, mirrors=mirrors)
     key = _file_key(images_path) + _file_key(labels_path)
     if key not in _CACHE:
+        for path in (images_path, labels_path):
+            verify_canonical(name, path)
         x, y = decode_split(images_path, labels_path)
         # Read-only because every caller shares these arrays; an in-place edit would poison later loads.
         x.flags.writeable = False

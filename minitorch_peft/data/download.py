@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
 
@@ -37,6 +39,36 @@ SHA256: dict[str, dict[str, str]] = {
     },
 }
 
+# Size and SHA-256 of each canonical file, shipped (.gz) and unpacked (no suffix): a file on disk that
+# carries one of these names is checked against them (once; ``datasets.verify_canonical`` remembers it).
+CANONICAL: dict[str, dict[str, tuple[int, str]]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": (9912422, SHA256["mnist"]["train-images-idx3-ubyte.gz"]),
+        "train-labels-idx1-ubyte.gz": (28881, SHA256["mnist"]["train-labels-idx1-ubyte.gz"]),
+        "t10k-images-idx3-ubyte.gz": (1648877, SHA256["mnist"]["t10k-images-idx3-ubyte.gz"]),
+        "t10k-labels-idx1-ubyte.gz": (4542, SHA256["mnist"]["t10k-labels-idx1-ubyte.gz"]),
+        "train-images-idx3-ubyte": (47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+        "train-labels-idx1-ubyte": (60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+        "t10k-images-idx3-ubyte": (7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+        "t10k-labels-idx1-ubyte": (10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": (26421880, SHA256["fashion-mnist"]["train-images-idx3-ubyte.gz"]),
+        "train-labels-idx1-ubyte.gz": (29515, SHA256["fashion-mnist"]["train-labels-idx1-ubyte.gz"]),
+        "t10k-images-idx3-ubyte.gz": (4422102, SHA256["fashion-mnist"]["t10k-images-idx3-ubyte.gz"]),
+        "t10k-labels-idx1-ubyte.gz": (5148, SHA256["fashion-mnist"]["t10k-labels-idx1-ubyte.gz"]),
+        "train-images-idx3-ubyte": (47040016, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        "train-labels-idx1-ubyte": (60008, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        "t10k-images-idx3-ubyte": (7840016, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        "t10k-labels-idx1-ubyte": (10008, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    },
+}
+
+# Seconds to wait for a connection, and then for each read: a server that accepts the connection and
+# never answers costs READ_TIMEOUT, not minutes, before the next mirror is tried.
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+
 # The largest real file is ~26 MB; the cap keeps a misbehaving server from filling the disk.
 MAX_BYTES = 64 << 20
 _CHUNK = 1 << 20
@@ -46,14 +78,67 @@ class _MirrorFailed(Exception):
     """One mirror did not deliver an intact file; the next one is tried."""
 
 
+class _TimedHTTPConnection(http.client.HTTPConnection):
+    """Connects within ``timeout`` (the connect timeout), then waits at most ``read_timeout`` per read."""
+
+    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(self.read_timeout)
+
+
+class _TimedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(self.read_timeout)
+
+
+def _opener(read_timeout: float) -> urllib.request.OpenerDirector:
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(_TimedHTTPConnection, req, read_timeout=read_timeout)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(_TimedHTTPSConnection, req, context=self._context, read_timeout=read_timeout)
+
+    return urllib.request.build_opener(HTTP(), HTTPS())
+
+
+def _open(request: urllib.request.Request, timeout: tuple[float, float]) -> Any:
+    """urlopen with a connect timeout and a (separate) timeout for each read."""
+    return _opener(timeout[1]).open(request, timeout=timeout[0])
+
+
+def _progress(line: str, end: bool = False) -> None:
+    """The download's progress on stderr: redrawn in place on a terminal, a line at start and end otherwise."""
+    tty = sys.stderr.isatty()
+    if tty:
+        sys.stderr.write("\r" + line + ("\n" if end else ""))
+    elif end or line.startswith("Downloading"):
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def download_file(
     filename: str,
     folder: str | os.PathLike[str],
     mirrors: Sequence[str],
     sha256: str,
-    timeout: float = 60.0,
+    timeout: float | tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
 ) -> Path:
-    """Fetch `filename` from the first mirror that serves it intact into `folder`; return its path."""
+    """Fetch `filename` from the first mirror that serves it intact into `folder`; return its path.
+
+    ``timeout``: (connect, read) seconds, or one number for both. Each mirror that fails (refused,
+    silent, cut off, wrong hash) is reported in the final error if every mirror fails.
+    """
     folder = Path(folder)
     dest = folder / filename
     try:
@@ -65,7 +150,7 @@ def download_file(
         url = base if base.endswith("/") else base + "/"
         url += filename
         try:
-            _fetch_verified(url, dest, sha256, timeout)
+            _fetch_verified(url, dest, sha256, timeout if isinstance(timeout, tuple) else (timeout, timeout))
             return dest
         except _MirrorFailed as e:
             failures.append(str(e))
@@ -77,7 +162,7 @@ def download_file(
     raise DataError(f"could not download {filename} into {folder}: {'; '.join(failures)}")
 
 
-def _fetch_verified(url: str, dest: Path, sha256: str, timeout: float) -> None:
+def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, float]) -> None:
     """Stream `url` into a temp file beside `dest` and rename it over `dest` only if the hash matches."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -85,19 +170,23 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: float) -> None:
         digest = hashlib.sha256()
         size = 0
         request = urllib.request.Request(url, headers={"User-Agent": "minitorch_peft"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+        _progress(f"Downloading {url} ...")
+        with os.fdopen(fd, "wb") as out, _open(request, timeout) as response:
+            total = int(getattr(response, "headers", {}).get("Content-Length") or 0)
             while chunk := response.read(_CHUNK):
                 size += len(chunk)
                 if size > MAX_BYTES:
                     raise _MirrorFailed(f"{url}: more than {MAX_BYTES} bytes, not the expected file")
                 digest.update(chunk)
                 out.write(chunk)
+                _progress(f"  {dest.name}: {size / 1e6:.1f}" + (f" of {total / 1e6:.1f}" if total else "") + " MB")
         got = digest.hexdigest()
         if got != sha256:
             raise _MirrorFailed(
                 f"{url}: SHA-256 mismatch for {dest.name} (expected {sha256}, got {got}); download discarded"
             )
         os.replace(tmp, dest)  # atomic: readers see either no file or the verified one
+        _progress(f"  {dest.name}: {size / 1e6:.1f} MB, SHA-256 verified", end=True)
     except BaseException:
         # Also on Ctrl-C: never leave a partial or unverified file behind.
         tmp.unlink(missing_ok=True)

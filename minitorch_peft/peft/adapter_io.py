@@ -13,6 +13,7 @@ Every check (config, keys, shapes) runs before the model is touched, so a bad fi
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..nn.layers import Linear
 from ..nn.module import Module
-from ..serialize import CheckpointError, atomic_directory, load_json, load_npz, save_json, save_npz
+from ..serialize import CheckpointError, atomic_directory, check_finite, load_json, load_npz, save_json, save_npz
 from .config import AdapterError, LoraConfig
 from .lora import LoRALinear
 from .model import active_adapter, add_adapter, inject_adapters, list_adapters, lora_layers, set_adapter
@@ -165,11 +166,21 @@ def load_adapters(model: Module, path: str | Path) -> list[str]:
     adapters, shapes = raw.get("adapters"), raw.get("base_shapes")
     if not isinstance(adapters, dict) or not adapters or not isinstance(shapes, dict):
         raise AdapterError(f"{source}: 'adapters' and 'base_shapes' must be objects")
-    try:
-        shapes = {m: tuple(int(v) for v in s) for m, s in shapes.items()}
-        configs = {n: LoraConfig.from_dict(c) for n, c in adapters.items()}
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{source}: {e}") from None
+    active = raw.get("active_adapter")
+    if active is not None and (not isinstance(active, str) or active not in adapters):
+        raise AdapterError(f"{source}: 'active_adapter' {active!r} is not one of the adapters ({', '.join(adapters)})")
+    from ..schema import validate_adapter_entry
+
+    for n, c in adapters.items():
+        try:
+            validate_adapter_entry(n, c, source)
+        except CheckpointError as e:
+            raise AdapterError(str(e)) from None
+    if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)
+               for s in shapes.values()):
+        raise AdapterError(f"{source}: 'base_shapes' must map module names to [out, in] positive integers")
+    shapes = {m: (s[0], s[1]) for m, s in shapes.items()}
+    configs = {n: LoraConfig.from_dict(c) for n, c in adapters.items()}
     _check_base(model, shapes, str(path))
     known = list_adapters(model)
     expected: dict[str, tuple[int, ...]] = {}
@@ -186,7 +197,7 @@ def load_adapters(model: Module, path: str | Path) -> list[str]:
         plain = [m for m in shapes if m not in adapted]
         if plain:
             raise AdapterError(f"{path}: the model has adapters, but not on {', '.join(plain)}; load onto its base instead")
-    arrays = load_npz(path / WEIGHTS_FILE)
+    arrays = load_npz(path / WEIGHTS_FILE, finite=True, max_bytes=8 * sum(int(np.prod(s)) for s in expected.values()) + (1 << 16))
     _check_arrays(arrays, expected, str(path / WEIGHTS_FILE))
     for n, cfg in configs.items():
         _attach(model, n, cfg)
@@ -212,9 +223,11 @@ def _safetensors() -> Any:
 def save_peft(model: Module, path: str | Path, adapter: str | None = None) -> Path:
     """Write one adapter (default: the active one) in Hugging Face PEFT's layout to folder ``path``."""
     st = _safetensors()
+    if not list_adapters(model):
+        raise AdapterError("the model has no adapters (a plain model): there is nothing to export")
     name = adapter or active_adapter(model)
     if name is None:
-        raise AdapterError("the model has no active adapter; name one to export")
+        raise AdapterError(f"the model has no active adapter; name one to export ({', '.join(list_adapters(model))})")
     cfg = _adapter_configs(model, _names(model, [name]))[name]
     tensors: dict[str, np.ndarray] = {}
     for module, layer in lora_layers(model):
@@ -248,7 +261,8 @@ def save_peft(model: Module, path: str | Path, adapter: str | None = None) -> Pa
     }
     path = Path(path)
     with atomic_directory(path) as tmp:
-        st.save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        # the extra metadata key lets the output policy recognise this folder as ours (PEFT ignores it)
+        st.save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt", "minitorch_peft": str(VERSION)})
         save_json(tmp / CONFIG_FILE, config)
     return path
 
@@ -272,6 +286,77 @@ def _peft_targets(targets: Any, linear: list[str], keyed: list[str], source: str
     raise AdapterError(f"{source}: target_modules must be a list of names, a regex or 'all-linear', got {targets!r}")
 
 
+# Fields of a PEFT LoraConfig this import reads, or that are only metadata.
+PEFT_FIELDS_READ = frozenset({
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "bias", "init_lora_weights",
+    "rank_pattern", "alpha_pattern",
+})
+# Fields PEFT writes with a default that means "feature off" although it is not null / false / empty.
+PEFT_NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "megatron_core": "megatron.core", "qalora_group_size": 16, "runtime_config": {"ephemeral_gpu_offload": False},
+    "fan_in_fan_out": False, "lora_bias": False,
+}
+
+
+def _neutral(key: str, value: Any) -> bool:
+    return value is None or value is False or value in ({}, [], "") or PEFT_NEUTRAL_DEFAULTS.get(key, object()) == value
+
+
+def _check_peft_fields(raw: dict[str, Any], source: str) -> None:
+    """Refuse, naming them, the settings this import does not implement, and mistyped ones.
+
+    A field that changes what the adapter means (``layers_to_transform``, ``modules_to_save``,
+    ``exclude_modules``, a PiSSA / LoftQ initialisation that rewrote the base...) must not be ignored:
+    any field outside ``PEFT_FIELDS_READ`` is accepted only at its "off" value.
+    """
+    unsupported = sorted(k for k, v in raw.items() if k not in PEFT_FIELDS_READ and not _neutral(k, v))
+    if raw.get("bias", "none") != "none":
+        unsupported.insert(0, "bias")
+    init = raw.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        unsupported.append("init_lora_weights")
+    if unsupported:
+        shown = ", ".join(f"{k}={raw[k]!r}" for k in unsupported)
+        raise AdapterError(f"{source}: setting(s) not supported by this import: {shown}")
+
+    def bad(key: str, want: str) -> AdapterError:
+        return AdapterError(f"{source}: '{key}' must be {want}, got {raw[key]!r}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_pos(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if "r" in raw and not (is_int(raw["r"]) and raw["r"] >= 1):
+        raise bad("r", "an integer >= 1")
+    if "lora_alpha" in raw and not is_pos(raw["lora_alpha"]):
+        raise bad("lora_alpha", "a finite number > 0")
+    d = raw.get("lora_dropout", 0.0)
+    if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    for key in ("use_rslora", "use_dora", "inference_mode"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise bad(key, "true or false")
+    for key, ok, want in (("rank_pattern", lambda v: is_int(v) and v >= 1, "integers >= 1"),
+                          ("alpha_pattern", is_pos, "finite numbers > 0")):
+        pattern = raw.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and ok(v) for k, v in pattern.items()):
+            raise bad(key, f"an object mapping module names to {want}")
+        for k in pattern:
+            try:
+                re.compile(k)
+            except re.error:
+                raise AdapterError(f"{source}: '{key}' key {k!r} is not a valid pattern") from None
+    targets = raw.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error:
+            raise bad("target_modules", "a list of names, a valid regex or 'all-linear'") from None
+
+
 def load_peft(model: Module, path: str | Path, adapter_name: str = "default") -> str:
     """Load a Hugging Face PEFT LoRA / DoRA adapter folder onto ``model`` as adapter ``adapter_name`` (made active)."""
     st = _safetensors()
@@ -282,12 +367,7 @@ def load_peft(model: Module, path: str | Path, adapter_name: str = "default") ->
         raise AdapterError(f"{source}: not a PEFT adapter config")
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{source}: peft_type {raw.get('peft_type')!r}; only 'LORA' (LoRA, rsLoRA, DoRA) is supported")
-    if raw.get("fan_in_fan_out"):
-        raise AdapterError(f"{source}: fan_in_fan_out=true (Conv1D layers) is not supported")
-    if raw.get("bias", "none") != "none":
-        raise AdapterError(f"{source}: bias={raw.get('bias')!r}: only adapters without trained biases are supported")
-    if raw.get("modules_to_save"):
-        raise AdapterError(f"{source}: modules_to_save is not supported")
+    _check_peft_fields(raw, source)
     weights_file = path / PEFT_WEIGHTS_FILE
     if not weights_file.is_file():
         other = " (adapter_model.bin is a PyTorch pickle: re-save it with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
@@ -323,22 +403,28 @@ def load_peft(model: Module, path: str | Path, adapter_name: str = "default") ->
     if extra:
         raise AdapterError(f"{weights_file}: unexpected key(s) {', '.join(extra)} (not among the config's targets)")
 
+    r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
+    arrays: dict[str, np.ndarray] = {}
+    for key, (mod, kind) in mapped.items():
+        arrays[f"{mod}.{kind}.{adapter_name}"] = np.asarray(tensors[key])
+    check_finite(arrays, str(weights_file))
+    ranks: dict[str, int] = {}
+    for mod in modules:  # the config's rank (and rank_pattern) must be the tensors' rank: alpha / r depends on it
+        a_shape = arrays[f"{mod}.lora_A.{adapter_name}"].shape
+        want = _peft_pattern(raw.get("rank_pattern"), mod, r)
+        if len(a_shape) != 2 or a_shape[0] != want:
+            raise AdapterError(f"{weights_file}: lora_A of {mod!r} has shape {tuple(a_shape)}, but {source} says rank {want}")
+        ranks[mod] = want
+    alphas = {mod: _peft_pattern(raw.get("alpha_pattern"), mod, alpha) for mod in modules}
+    init = raw.get("init_lora_weights", True)
     try:
-        r = int(raw.get("r", 8))
-        alpha = float(raw.get("lora_alpha", 8))
-        init = raw.get("init_lora_weights", True)
-        arrays: dict[str, np.ndarray] = {}
-        for key, (mod, kind) in mapped.items():
-            arrays[f"{mod}.{kind}.{adapter_name}"] = np.asarray(tensors[key])
-        ranks = {mod: int(arrays[f"{mod}.lora_A.{adapter_name}"].shape[0]) for mod in modules}  # the file's own ranks
         cfg = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=float(raw.get("lora_dropout", 0.0)),
-            use_rslora=bool(raw.get("use_rslora", False)), use_dora=use_dora,
+            r=r, lora_alpha=alpha, lora_dropout=raw.get("lora_dropout", 0.0),
+            use_rslora=raw.get("use_rslora", False), use_dora=use_dora,
             init_lora_weights="gaussian" if init == "gaussian" else "kaiming",
             target_modules=modules,
             rank_pattern={mod: rm for mod, rm in ranks.items() if rm != r},
-            alpha_pattern={mod: float(_peft_pattern(raw.get("alpha_pattern"), mod, alpha)) for mod in modules
-                           if float(_peft_pattern(raw.get("alpha_pattern"), mod, alpha)) != alpha},
+            alpha_pattern={mod: am for mod, am in alphas.items() if am != alpha},
         )
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{source}: {e}") from None
