@@ -7,6 +7,7 @@ from .dora import DoRAFunction
 from .lora import LoRAFunction, LoRALinear
 from .loraplus import loraplus_param_groups
 from .qlora import QLoRALinear, base_weight_nbytes
+from .peft_model import PeftModel, get_peft_model
 from .model import (
     active_adapter, add_adapter, count_parameters, delete_adapter, disable_adapters, inject_adapters,
     linear_names, list_adapters, lora_layers, merge_adapters, merge_and_unload, set_adapter, unload,
@@ -19,5 +20,5 @@ __all__ = [
     "AdapterError", "LoRAFunction", "LoRALinear", "LoraConfig", "active_adapter", "add_adapter",
     "count_parameters", "delete_adapter", "disable_adapters", "inject_adapters", "linear_names",
     "list_adapters", "lora_layers", "merge_adapters", "merge_and_unload", "set_adapter", "unload",
-    "unmerge_adapters", "QLoRALinear", "base_weight_nbytes",
+    "unmerge_adapters", "QLoRALinear", "base_weight_nbytes", "PeftModel", "get_peft_model",
 ]
