@@ -6,13 +6,14 @@ never changes. The folder is written whole or not at all (``atomic_directory``).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .backend import Backend
 from .nn.layers import MLP
 from .nn.module import Module, StateDictError
-from .peft.config import AdapterError, LoraConfig
+from .peft.config import AdapterError, LoraConfig, RankWarning
 from .peft.model import add_adapter, inject_adapters, lora_layers, set_adapter
 from .serialize import CheckpointError, atomic_directory, load_json, load_npz, save_json, save_npz
 
@@ -106,6 +107,13 @@ def build_from_config(config: Any, source: str) -> MLP:
     adapters = config.get("adapters")
     if adapters is None:
         return model
+    # a saved rank above a layer's width was reported when the adapter was made, not on every load
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankWarning)
+        return _add_saved_adapters(model, config, adapters, source)
+
+
+def _add_saved_adapters(model: MLP, config: dict[str, Any], adapters: Any, source: str) -> MLP:
     try:
         if not isinstance(adapters, dict) or not adapters:
             raise AdapterError("'adapters' must map adapter names to configs")
