@@ -58,8 +58,13 @@ def model_config(model: MLP) -> dict[str, Any]:
     return config
 
 
-def save_model(model: MLP, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the folder ``path`` atomically: the previous checkpoint there survives any failure."""
+def save_model(model: MLP, path: str | Path, extra: dict[str, Any] | None = None,
+               files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write the folder ``path`` atomically: the previous checkpoint there survives any failure.
+
+    ``files``: more ``.npz`` files (file name -> arrays) written in the same atomic save, e.g. the
+    optimizer state of a resumable run (``optimizer.npz``).
+    """
     path = Path(path)
     state = model.state_dict()
     config = {**model_config(model), **(extra or {})}
@@ -68,6 +73,8 @@ def save_model(model: MLP, path: str | Path, extra: dict[str, Any] | None = None
         adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
         if adapters:
             save_npz(tmp / "adapters.npz", adapters)
+        for name, arrays in (files or {}).items():
+            save_npz(tmp / name, arrays)
         save_json(tmp / "config.json", config)
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import re
 import os
 import socket
 import struct
@@ -387,6 +388,15 @@ def test_download_good(server: types.SimpleNamespace, isolated: Path) -> None:
     clear_cache()
     load_mnist_like("mnist", "test", mirrors=[server.url("good")])
     assert len(server.requests) == n  # already on disk: nothing fetched again
+
+
+def test_download_shows_a_progress_line(server: types.SimpleNamespace, isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load_mnist_like("mnist", "test", mirrors=[server.url("good")])
+    err = capsys.readouterr().err
+    size = (SHARED / "mnist" / TEST_FILES[0]).stat().st_size / 1e6
+    # not a terminal: a plain line per file when it is complete (and every few seconds before)
+    assert re.search(rf"Downloading mnist/{re.escape(TEST_FILES[0])}: {size:.1f} / {size:.1f} MB \(100%\), [\d.]+ MB/s", err), err
+    assert f"Downloading mnist/{TEST_FILES[1]}" in err
 
 
 def test_download_uses_module_mirrors(server: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:

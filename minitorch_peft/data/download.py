@@ -7,7 +7,7 @@ import http.client
 import os
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import DataError
@@ -52,9 +52,18 @@ def download_file(
     mirrors: Sequence[str],
     sha256: str,
     timeout: float = 60.0,
+    progress: Callable[[int, int | None, bool], None] | None = None,
 ) -> Path:
-    """Fetch `filename` from the first mirror that serves it intact into `folder`; return its path."""
+    """Fetch `filename` from the first mirror that serves it intact into `folder`; return its path.
+
+    `progress(received_bytes, total_bytes_or_None, done)` is called as the bytes arrive; by default a
+    progress line on stderr (`minitorch_peft.progress.DownloadProgress`).
+    """
     folder = Path(folder)
+    if progress is None:
+        from ..progress import DownloadProgress
+
+        progress = DownloadProgress(f"{folder.name}/{filename}")
     dest = folder / filename
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +74,7 @@ def download_file(
         url = base if base.endswith("/") else base + "/"
         url += filename
         try:
-            _fetch_verified(url, dest, sha256, timeout)
+            _fetch_verified(url, dest, sha256, timeout, progress)
             return dest
         except _MirrorFailed as e:
             failures.append(str(e))
@@ -77,7 +86,8 @@ def download_file(
     raise DataError(f"could not download {filename} into {folder}: {'; '.join(failures)}")
 
 
-def _fetch_verified(url: str, dest: Path, sha256: str, timeout: float) -> None:
+def _fetch_verified(url: str, dest: Path, sha256: str, timeout: float,
+                    progress: Callable[[int, int | None, bool], None] = lambda *_: None) -> None:
     """Stream `url` into a temp file beside `dest` and rename it over `dest` only if the hash matches."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -86,8 +96,11 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: float) -> None:
         size = 0
         request = urllib.request.Request(url, headers={"User-Agent": "minitorch_peft"})
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+            length = getattr(response, "headers", None) and response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
             while chunk := response.read(_CHUNK):
                 size += len(chunk)
+                progress(size, total, False)
                 if size > MAX_BYTES:
                     raise _MirrorFailed(f"{url}: more than {MAX_BYTES} bytes, not the expected file")
                 digest.update(chunk)
@@ -97,6 +110,7 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: float) -> None:
             raise _MirrorFailed(
                 f"{url}: SHA-256 mismatch for {dest.name} (expected {sha256}, got {got}); download discarded"
             )
+        progress(size, total, True)
         os.replace(tmp, dest)  # atomic: readers see either no file or the verified one
     except BaseException:
         # Also on Ctrl-C: never leave a partial or unverified file behind.
