@@ -72,7 +72,7 @@ class TrainConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.resume is not None and self.base is not None:
-            raise ConfigError("--resume continues a saved run (its model is the start): drop --model-dir/--base")
+            raise ConfigError("--resume continues a saved run (its model is the start): drop --model-dir")
         if self.method in QUANTIZED_METHODS:
             from .kernels.quant import QUANT_TYPES, check_block_size
 
@@ -125,7 +125,7 @@ def _adapt(model: MLP, cfg: TrainConfig, config: LoraConfig, quantize: bool = Fa
     """Add adapter ``cfg.adapter_name`` and make it the one that trains.
 
     On a plain model this injects it (freezing the base; with ``quantize`` the base weights go to 4 bits
-    per ``cfg.quant`` / ``double_quant`` / ``block_size``); on a model that already has adapters (``--base``
+    per ``cfg.quant`` / ``double_quant`` / ``block_size``); on a model that already has adapters (``--model-dir``
     a folder saved by an adapter run) it is added beside them, and they stay frozen: that is how one
     folder comes to hold several named adapters for ``cli.py merge``.
     """
@@ -135,13 +135,13 @@ def _adapt(model: MLP, cfg: TrainConfig, config: LoraConfig, quantize: bool = Fa
         return
     if quantize and not any(hasattr(layer, "quant_config") for _, layer in lora_layers(model)):
         raise AdapterError(
-            f"--base {cfg.base} holds adapters on a full-precision base ({', '.join(list_adapters(model))}); "
+            f"--model-dir {cfg.base} holds adapters on a full-precision base ({', '.join(list_adapters(model))}); "
             f"--method {cfg.method} needs a plain model (or one saved by a qlora/qdora run): fold them in first "
             "(cli.py merge --unload)"
         )
     if cfg.adapter_name in list_adapters(model):
         raise AdapterError(
-            f"--base already has an adapter named {cfg.adapter_name!r} ({', '.join(list_adapters(model))}); "
+            f"--model-dir already has an adapter named {cfg.adapter_name!r} ({', '.join(list_adapters(model))}); "
             "pass --adapter-name NEW to add another"
         )
     add_adapter(model, cfg.adapter_name, config)
@@ -244,7 +244,7 @@ def load_data(cfg: TrainConfig, backend: Backend, log: Callable[[str], None] = p
 
 def build_model(cfg: TrainConfig, backend: Backend, data: Data, log: Callable[[str], None] = print,
                 state: RunState | None = None) -> tuple[MLP, Adam, dict[str, int]]:
-    """The model (new, ``--base``, or the ``--resume`` run's) prepared for ``cfg.method``, its optimizer and
+    """The model (new, ``--model-dir``, or the ``--resume`` run's) prepared for ``cfg.method``, its optimizer and
     its parameter counts. On resume (``state``) the optimizer is built over the same tensors in the same
     order as the first run's, then given the saved state."""
     if cfg.resume and state is not None:
@@ -262,13 +262,13 @@ def build_model(cfg: TrainConfig, backend: Backend, data: Data, log: Callable[[s
         model, _ = load_model(cfg.base)
         if next(lora_layers(model), None) is not None and cfg.method in ("full", "head"):
             raise AdapterError(
-                f"--base {cfg.base} holds adapters ({', '.join(list_adapters(model))}); --method {cfg.method} needs a plain "
+                f"--model-dir {cfg.base} holds adapters ({', '.join(list_adapters(model))}); --method {cfg.method} needs a plain "
                 "model: fold them in first (cli.py merge --unload) or train another adapter with --adapter-name"
             )
         n_in = int(data.x_train.shape[1])
         if model.dims[0] != n_in or model.dims[-1] != 10:
             raise AdapterError(
-                f"--base {cfg.base} has shape {' -> '.join(map(str, model.dims))}; this data needs {n_in} -> ... -> 10"
+                f"--model-dir {cfg.base} has shape {' -> '.join(map(str, model.dims))}; this data needs {n_in} -> ... -> 10"
             )
     else:
         log("📊 Creating baseline MLP...")
