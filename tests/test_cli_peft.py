@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, assert_one_line_error, cli_main
+from conftest import DATA, ROOT, assert_one_line_error, cli_main, needs_mnist
 
-pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+pytestmark = needs_mnist
 
 import cli  # noqa: E402
 
