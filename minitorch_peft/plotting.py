@@ -43,7 +43,7 @@ def plot_training(metrics: dict[str, Any], path: str | Path) -> Path:
         ax_acc.annotate(f"{a:.2f}%", (i, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy after each epoch",
                xticks=range(1, len(accuracies) + 1))
-    ax_acc.margins(y=0.15)  # room for the labels above the points
+    ax_acc.margins(x=0.08, y=0.15)  # room for the labels above the points
     ax_acc.grid(alpha=0.3)
     fig.suptitle(f"{metrics['method']} on {metrics.get('dataset', 'mnist')} ({metrics.get('backend', 'numpy')}): "
                  f"final test accuracy {100 * metrics['final_test_accuracy']:.2f}%")
