@@ -200,3 +200,15 @@ def test_a_copied_model_saves_and_loads(tmp_path) -> None:
     loaded, _ = load_model(tmp_path / "m")
     x, _ = batch(1)
     np.testing.assert_array_equal(out(loaded, x), out(model, x))
+
+
+def test_get_peft_model_with_a_4bit_base_is_qlora() -> None:
+    manual_seed(6)
+    model = get_peft_model(MLP([64, 64, 4]), LoraConfig(r=2, target_modules=["fc1"]), quantize="nf4", block_size=64)
+    assert isinstance(model.fc1, QLoRALinear) and model.fc1.quant_config()["quant_type"] == "nf4"
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 2 * (64 + 64) and total == trainable + 64 * 64 + 64 + 64 * 4 + 4  # 4-bit weights count as weights
+    x = Tensor(np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32))
+    with model.disable_adapter():
+        base_out = out(model, x)
+    np.testing.assert_array_equal(out(model, x), base_out)  # B starts at zero
