@@ -83,7 +83,7 @@ class TrainConfig:
             except ValueError:
                 raise ConfigError(f"--block-size must be a power of two from 32 to 4096, got {self.block_size!r}") from None
         if self.method not in ("full", "head"):
-            config = self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
+            self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
             if not self.loraplus_ratio > 0:
                 raise ConfigError(f"--loraplus-ratio must be > 0, got {self.loraplus_ratio}")
             if self.base is None:  # the default flow's MLP: targets and rank can be checked now

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from .app import (
-    BACKEND, DATA_DIR, DATASET, JSON, UserError, apply_aliases, cli, given, hidden_alias, split, user_paths, warn,
+    BACKEND, DATA_DIR, DATASET, JSON, apply_aliases, cli, given, hidden_alias, split, user_paths, warn,
     write_json,
 )
 
