@@ -1,7 +1,7 @@
 """Progress for long loops: click's progress bar on a terminal, plain lines elsewhere (logs, CI, pipes).
 
-``EpochProgress`` draws one epoch of training: bar, position, percent, ETA (click's, from the mean time per
-step so far), then running loss, samples/s and elapsed time. Not on a terminal, it writes a plain line every
+``EpochProgress`` draws one epoch of training: click's bar and position, then the ETA (the mean time per step
+so far times the steps left), running loss, samples/s and elapsed time. Not on a terminal, it writes a plain line every
 ``every_s`` seconds and one at the end of the epoch, so a log shows steady progress without any redrawing.
 ``DownloadProgress`` does the same for a file download (bytes, percent, rate).
 """
@@ -41,7 +41,8 @@ class EpochProgress:
         self.info = ""
         self.bar = None
         if self.tty:
-            self.bar = click.progressbar(length=total, label=label, file=self.stream, show_pos=True, show_eta=True,
+            # ETA is ours (labelled; click's is an unlabelled clock): the mean time per step so far times the steps left
+            self.bar = click.progressbar(length=total, label=label, file=self.stream, show_pos=True, show_eta=False,
                                          item_show_func=lambda _: self.info, width=24)
             self.bar.__enter__()
 
@@ -57,13 +58,13 @@ class EpochProgress:
         value = loss() if callable(loss) else loss
         elapsed = now - self.start
         rate = samples / max(elapsed, 1e-9)
-        self.info = f"loss {value:.4f}  {rate:,.0f} samples/s  elapsed {_clock(elapsed)}"
+        eta = "" if done >= self.total or done == 0 else f"ETA {_clock(elapsed / done * (self.total - done))}  "
+        self.info = f"{eta}loss {value:.4f}  {rate:,.0f} samples/s  elapsed {_clock(elapsed)}"
         if self.bar is not None:
             self.bar.update(done - self.done)
             self.bar.render_progress()  # click renders on steps; the loss text may change without one
         else:
-            eta = "" if done >= self.total or done == 0 else f"  ETA {_clock(elapsed / done * (self.total - done))}"
-            self.stream.write(f"{self.label} {done}/{self.total} ({done / self.total:.0%})  {self.info}{eta}\n")
+            self.stream.write(f"{self.label} {done}/{self.total} ({done / self.total:.0%})  {self.info}\n")
             self.stream.flush()
         self.done = done
 
