@@ -608,3 +608,29 @@ def test_batches_convert_indices_with_xp(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "fakexp", fake)
     got = [b.a for b, _ in iterate_batches(x, x, 4, seed=3)]
     assert len(calls) == 2 and sorted(np.concatenate(got).tolist()) == list(range(10))
+
+
+def test_without_data_or_network_the_data_tests_skip_with_a_reason(isolated: Path) -> None:
+    """conftest.find_data: no $MINITORCH_PEFT_DATA, an empty cache and no reachable mirror give a reason that
+    says what is missing and how to fix it (pytest's -rs prints it in the summary), never a silent skip."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from conftest import find_data
+
+    root, reason = find_data()
+    assert root == isolated
+    assert reason is not None and str(isolated) in reason and "could not be downloaded" in reason
+    assert "MINITORCH_PEFT_DATA" in reason
+    addopts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "-rs" in addopts.split()
+
+
+def test_with_a_network_the_data_comes_to_the_cache_once(server: types.SimpleNamespace, isolated: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import find_data
+
+    for name in DATASETS:
+        monkeypatch.setitem(dl.MIRRORS, name, (server.url("good", name),))
+    root, reason = find_data()
+    assert reason is None and root == isolated and len(server.requests) == 8  # 2 datasets x 2 splits x 2 files
+    assert find_data() == (isolated, None) and len(server.requests) == 8  # the second time: nothing downloaded
