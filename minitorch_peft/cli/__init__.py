@@ -46,7 +46,8 @@ def _main(argv: list[str] | None, prog_name: str) -> int:
         click.echo("interrupted", err=True)
         return 130
     except KeyboardInterrupt:
-        click.echo("interrupted: nothing was saved; any earlier checkpoint is unchanged", err=True)
+        click.echo("interrupted: nothing half-written was left and folders saved before are intact "
+                   "(train --save-every-epoch: --resume continues from the last finished epoch)", err=True)
         return 130
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
