@@ -67,6 +67,7 @@ class RunState:
 
 def optimizer_files(optimizer: Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """(JSON part, arrays) of ``optimizer.state_dict()``: counts go to 0-d int64 arrays beside the buffers."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # a wrapper (DistributedOptimizer) saves what it wraps
     sd = optimizer.state_dict()
     arrays: dict[str, Any] = {}
     for i, entry in sd["state"].items():

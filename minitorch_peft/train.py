@@ -6,6 +6,7 @@ parameter groups; everything else (data, loop, evaluation, metrics) is shared by
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from .backend import Backend, get_backend
 from .checkpoint import load_model
 from .errors import ConfigError
 from .data import iterate_batches, load_mnist_like, num_batches
+from .distributed import Solo, World, agreement_record
 from .nn.layers import MLP
 from .optim import Adam
 from .peft.config import AdapterError, LoraConfig
@@ -323,34 +325,39 @@ def tensor_batches(data: Data, backend: Backend, batch_size: int, seed: int, epo
 
 
 def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Backend,
-        log: Callable[[str], None] = print, start_epoch: int = 0, losses: list[float] | None = None,
-        on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[list[float], float]:
+        log: Callable[[str], None] = print, world: Solo | World = Solo(), start_epoch: int = 0,
+        losses: list[float] | None = None, on_epoch: Callable[[int, float, float], None] | None = None,
+        ) -> tuple[list[float], float]:
     """Epochs ``start_epoch`` .. ``cfg.epochs - 1`` of ``train_epoch``, each followed by a test-set evaluation.
 
-    Returns the per-epoch test accuracies and the seconds spent training (evaluation excluded). ``losses``
-    gains every step's training loss; ``on_epoch(epochs_done, accuracy, epoch_seconds)`` runs after each
-    epoch (checkpoints).
+    Returns the per-epoch test accuracies and the seconds spent training (evaluation excluded). With a
+    ``World`` of N ranks, each step takes a global batch of N x ``cfg.batch_size`` and this rank trains on its
+    shard of it; only rank 0 evaluates. ``losses`` gains every step's training loss (under N ranks, rank 0's
+    shard's); ``on_epoch(epochs_done, accuracy, epoch_seconds)`` runs on rank 0 after each epoch (checkpoints).
     """
     accuracies: list[float] = []
-    steps = num_batches(data.n_train, cfg.batch_size)
+    global_batch = cfg.batch_size * world.size
+    steps = num_batches(data.n_train, global_batch)
     model.train()
     train_time = 0.0
     for epoch in range(start_epoch, cfg.epochs):
-        bar = EpochProgress(f"Epoch {epoch + 1}/{cfg.epochs}", steps)
+        bar = EpochProgress(f"Epoch {epoch + 1}/{cfg.epochs}", steps, stream=None if world.is_main else io.StringIO())
 
         def show(i: int, loss_sum: Any) -> None:
             if bar.due():
-                bar.update(i + 1, min((i + 1) * cfg.batch_size, data.n_train), lambda: float(loss_sum) / (i + 1))
+                bar.update(i + 1, min((i + 1) * global_batch, data.n_train), lambda: float(loss_sum) / (i + 1))
 
         step_losses: list[Any] = []
         epoch_start = time.perf_counter()
-        loss_sum = train_epoch(model, optimizer, tensor_batches(data, backend, cfg.batch_size, cfg.seed, epoch), show,
-                               step_losses if losses is not None else None)
-        running = float(loss_sum) / steps if loss_sum is not None else 0.0
+        batches = world.shard(tensor_batches(data, backend, global_batch, cfg.seed, epoch))
+        loss_sum = train_epoch(model, optimizer, batches, show, step_losses if losses is not None else None)
+        running = world.mean(float(loss_sum) / steps if loss_sum is not None else 0.0)
         seconds = time.perf_counter() - epoch_start
         train_time += seconds
         bar.update(steps, data.n_train, running, force=True)
         bar.close()
+        if not world.is_main:  # rank 0 evaluates, logs and saves
+            continue
         if losses is not None and step_losses:
             losses.extend(float(v) for v in backend.to_numpy(backend.xp.stack(step_losses)))  # one read per epoch
         acc = evaluate(model, data.x_test, data.y_test)
@@ -361,9 +368,14 @@ def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Back
     return accuracies, train_time
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole job (load data, build, convert, train, evaluate, save) and return its metrics."""
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | World = Solo()) -> dict[str, Any] | None:
+    """Run the whole job (load data, build, convert, train, evaluate, save) and return its metrics.
+
+    With a ``World`` (``minitorch_peft.distributed``: data parallel over MPI) every rank runs this; rank 0
+    logs, saves and returns the metrics, the other ranks return None.
+    """
     cfg.validate()
+    log = world.quiet(log)
     backend: Backend = get_backend(cfg.backend)
     state = RunState()
     if cfg.resume:
@@ -374,34 +386,41 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     manual_seed(cfg.seed)
     data = load_data(cfg, backend, log)
     model, optimizer, counts = build_model(cfg, backend, data, log, state if cfg.resume else None)
+    optimizer = world.prepare(optimizer, model, agreement_record(asdict(cfg), data), log)
     state.counts = {k: counts[k] for k in ("baseline", "total", "trainable", "frozen")}
     output = Path(cfg.output)
     best = output.with_name(output.name + "-best")
     start_epoch = state.epoch
+    ranks = {"ranks": world.size} if world.size > 1 else {}
 
     def checkpoint(epoch: int, accuracy: float, seconds: float) -> None:
         """--save-every-epoch: the folder holds the last epoch (resumable); OUTPUT-best the best test accuracy."""
         state.epoch, state.train_seconds = epoch, state.train_seconds + seconds
         state.accuracies.append(accuracy)
         if cfg.save_every_epoch:
-            save_run(model, optimizer, output, asdict(cfg), state)
+            save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
             if accuracy > max(state.accuracies[:-1], default=-1.0):
-                save_run(model, optimizer, best, asdict(cfg), state)
+                save_run(model, optimizer, best, {**asdict(cfg), **ranks}, state)
                 log(f"   Saved epoch {epoch} to {output} (best so far: also {best})")
             else:
                 log(f"   Saved epoch {epoch} to {output}")
 
-    log(f"\n🚀 Training for {cfg.epochs - start_epoch} epoch(s), batch {cfg.batch_size}, lr {cfg.lr:g}...")
+    batch = f"{world.size} x {cfg.batch_size} = {world.size * cfg.batch_size}" if world.size > 1 else cfg.batch_size
+    log(f"\n🚀 Training for {cfg.epochs - start_epoch} epoch(s), batch {batch}, lr {cfg.lr:g}...")
     t0 = time.perf_counter()
-    _, train_time = fit(cfg, model, optimizer, data, backend, log, start_epoch, state.losses, checkpoint)
+    _, train_time = fit(cfg, model, optimizer, data, backend, log, world, start_epoch, state.losses, checkpoint)
     wall = time.perf_counter() - t0
 
+    if not world.is_main:
+        world.finish()
+        return None
     if not cfg.save_every_epoch:  # else the last epoch is saved already
-        save_run(model, optimizer, output, asdict(cfg), state)
+        save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
+    world.finish()
     metrics = report(cfg, backend, counts, state.accuracies, train_time, wall, output,
                      (cfg.epochs - start_epoch) * data.n_train, log)
     metrics["loss_per_step"] = state.losses
-    metrics["steps_per_epoch"] = num_batches(data.n_train, cfg.batch_size)
+    metrics["steps_per_epoch"] = num_batches(data.n_train, cfg.batch_size * world.size)
     if cfg.resume:
         metrics["resumed_from"] = {"model_dir": cfg.resume, "epoch": start_epoch}
     return metrics

@@ -81,13 +81,25 @@ def ignored_flags(ctx: click.Context, method: str) -> str | None:
               help="Write the loss per step and the accuracy per epoch to this PNG (needs matplotlib: "
                    "pip install 'minitorch_peft[plot]').")
 @JSON
-def train(json_path: str | None, plot_path: str | None, **kwargs: Any) -> None:
+@click.option("--distributed", is_flag=True, default=False,
+              help="Data parallel over MPI: launch with mpiexec -n N (implied there when N > 1); the global batch "
+                   "is N x --batch-size. Needs: pip install 'minitorch_peft[mpi]'.")
+@click.option("--dist-timeout", default=60.0, show_default=True, type=float,
+              help="--distributed: seconds a rank waits for the others before every rank ends naming the one that stopped.")
+@click.option("--dist-transport", default="auto", show_default=True,
+              type=click.Choice(["auto", "mpi", "nccl", "cuda-aware-mpi", "host"]),
+              help="--distributed: how gradients are all-reduced (auto: mpi on numpy, nccl on cupy).")
+@click.option("--log-all-ranks", is_flag=True, default=False, help="--distributed: every rank logs, not only rank 0.")
+def train(json_path: str | None, plot_path: str | None, distributed: bool, dist_timeout: float, dist_transport: str,
+          log_all_ranks: bool, **kwargs: Any) -> None:
     """Fine-tune the 784-512-256-10 MLP with a PEFT method, evaluate each epoch, save the model."""
+    from ..distributed import launched_rank, start_world
     from ..train import TrainConfig, resumed_config, train as run
 
     ctx = click.get_current_context()
     kwargs = apply_aliases(ctx, kwargs)
     kwargs["base"] = kwargs.pop("model_dir")
+    main_rank = launched_rank() == 0
     if plot_path:
         from ..plotting import require_matplotlib
 
@@ -97,17 +109,21 @@ def train(json_path: str | None, plot_path: str | None, **kwargs: Any) -> None:
         with user_paths():
             cfg = resumed_config(kwargs["resume"], **{n: kwargs[n] for n in RESUME_OVERRIDES if given(ctx, n)})
         cfg.validate()
-        if ignored:
+        if ignored and main_rank:
             warn(f"--resume continues with the saved run's settings; ignored: {', '.join(ignored)}")
     else:
         cfg = TrainConfig(**kwargs)
         cfg.validate()  # before the banner: a bad flag should print one line and nothing else
         note = ignored_flags(ctx, cfg.method)
-        if note:
+        if note and main_rank:
             warn(note)
-    click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
+    world = start_world(distributed, dist_timeout, dist_transport, log_all_ranks)
+    if main_rank:
+        click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
     with user_paths():
-        metrics = run(cfg, log=click.echo)
+        metrics = run(cfg, log=click.echo, world=world)
+    if metrics is None:  # not rank 0, under mpiexec
+        return
     write_json(json_path, metrics)
     if plot_path:
         from ..plotting import plot_training
