@@ -212,7 +212,7 @@ def test_flags_the_method_ignores_get_one_warning_line(tmp_path: Path, capsys, m
                                                        expected: str | None) -> None:
     import minitorch_peft.train as train
 
-    monkeypatch.setattr(train, "train", lambda cfg, log=print: {})  # the flags are checked; no need to train
+    monkeypatch.setattr(train, "train", lambda cfg, log=print, world=None: {"loss_per_step": []})  # flags checked; no training
     out, err = ok(capsys, "train", *args, "--output", str(tmp_path / "m"))
     assert err.strip().splitlines() == ([expected] if expected else [])
 
