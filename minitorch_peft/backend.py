@@ -67,6 +67,11 @@ class Backend:
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled (and deep-copied) by name: unpickling asks ``get_backend`` for this process's backend of
+        that name, so a model holds the one shared backend object again, never a copy of a module."""
+        return get_backend, (self.name,)
+
 
 def _astype_method(a: Any, dtype: Any, copy: bool = True) -> Any:
     return a.astype(dtype, copy=copy)

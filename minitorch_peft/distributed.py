@@ -349,7 +349,7 @@ def weights_digest(model: Any) -> dict[str, str]:
 _WHAT = {
     "config": "the configuration",
     "data": "the training data (check --dataset, --limit and the data files on every host)",
-    "weights": "the initial weights (check --base and --seed on every host)",
+    "weights": "the initial weights (check --model-dir and --seed on every host)",
     "versions": "the software versions (numpy's shuffling differs between versions)",
     "world": "the distributed settings",
 }

@@ -14,3 +14,8 @@ class MinitorchPeftError(Exception):
 
 class ConfigError(MinitorchPeftError, ValueError):
     """A setting (a flag, a config field) that cannot be used, named in the message."""
+
+
+class MinitorchPeftWarning(UserWarning):
+    """Base of the project's warnings (a setting that works but deserves a note); the CLI prints each as one
+    ``warning: <message>`` line on stderr."""

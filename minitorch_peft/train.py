@@ -31,7 +31,9 @@ from .peft.config import AdapterError, LoraConfig
 from .peft.loraplus import loraplus_param_groups
 from .peft.model import add_adapter, count_parameters, inject_adapters, list_adapters, lora_layers, set_adapter
 from .peft.qlora import base_weight_nbytes, quantized_layers
+from .progress import EpochProgress
 from .random import manual_seed
+from .resume import RunState, read_run, save_run
 from .tensor import Tensor, no_grad
 
 DIMS = [784, 512, 256, 10]
@@ -62,6 +64,8 @@ class TrainConfig:
     data_dir: str | None = None
     base: str | None = None
     limit: int | None = None
+    resume: str | None = None
+    save_every_epoch: bool = False
 
     def validate(self) -> None:
         """Refuse settings that cannot train, naming the flag."""
@@ -83,6 +87,8 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.resume is not None and self.base is not None:
+            raise ConfigError("--resume continues a saved run (its model is the start): drop --model-dir")
         if self.method in QUANTIZED_METHODS:
             from .kernels.quant import QUANT_TYPES, check_block_size
 
@@ -93,21 +99,27 @@ class TrainConfig:
             except ValueError:
                 raise ConfigError(f"--block-size must be a power of two from 32 to 4096, got {self.block_size!r}") from None
         if self.method not in ("full", "head"):
-            config = self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
+            self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
             if not self.loraplus_ratio > 0:
                 raise ConfigError(f"--loraplus-ratio must be > 0, got {self.loraplus_ratio}")
             if self.base is None:  # the default flow's MLP: targets and rank can be checked now
                 shapes = {f"fc{i + 1}": (n_in, n_out) for i, (n_in, n_out) in enumerate(zip(DIMS[:-1], DIMS[1:]))}
-                for target in self.targets:
+                for target in self.targets:  # any rank fits (a rank above a layer's width is one warning line)
                     if target not in shapes:
                         raise AdapterError(f"target module {target!r} matches no Linear module; available: {', '.join(shapes)}")
-                    config.check_fits(target, *shapes[target])
         get_backend(self.backend)
         check_output(self.output, "--output")  # a folder we may replace, and writable: before any work
 
     def lora_config(self, **overrides: Any) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.rslora,
                           target_modules=list(self.targets), **overrides)
+
+
+def resumed_config(folder: str, **overrides: Any) -> TrainConfig:
+    """The settings of the run saved in ``folder``, to continue it there (or to ``overrides["output"]``)."""
+    training, _ = read_run(folder)
+    saved = {k: training[k] for k in TrainConfig.__dataclass_fields__ if k in training}
+    return TrainConfig(**{**saved, "output": folder, **overrides, "resume": folder})
 
 
 ParamGroups = list[dict[str, Any]]
@@ -130,7 +142,7 @@ def _adapt(model: MLP, cfg: TrainConfig, config: LoraConfig, quantize: bool = Fa
     """Add adapter ``cfg.adapter_name`` and make it the one that trains.
 
     On a plain model this injects it (freezing the base; with ``quantize`` the base weights go to 4 bits
-    per ``cfg.quant`` / ``double_quant`` / ``block_size``); on a model that already has adapters (``--base``
+    per ``cfg.quant`` / ``double_quant`` / ``block_size``); on a model that already has adapters (``--model-dir``
     a folder saved by an adapter run) it is added beside them, and they stay frozen: that is how one
     folder comes to hold several named adapters for ``cli.py merge``.
     """
@@ -140,13 +152,13 @@ def _adapt(model: MLP, cfg: TrainConfig, config: LoraConfig, quantize: bool = Fa
         return
     if quantize and not any(hasattr(layer, "quant_config") for _, layer in lora_layers(model)):
         raise AdapterError(
-            f"--base {cfg.base} holds adapters on a full-precision base ({', '.join(list_adapters(model))}); "
+            f"--model-dir {cfg.base} holds adapters on a full-precision base ({', '.join(list_adapters(model))}); "
             f"--method {cfg.method} needs a plain model (or one saved by a qlora/qdora run): fold them in first "
             "(cli.py merge --unload)"
         )
     if cfg.adapter_name in list_adapters(model):
         raise AdapterError(
-            f"--base already has an adapter named {cfg.adapter_name!r} ({', '.join(list_adapters(model))}); "
+            f"--model-dir already has an adapter named {cfg.adapter_name!r} ({', '.join(list_adapters(model))}); "
             "pass --adapter-name NEW to add another"
         )
     add_adapter(model, cfg.adapter_name, config)
@@ -181,6 +193,17 @@ def _lora_plus(model: MLP, cfg: TrainConfig) -> ParamGroups:
     return loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio)
 
 
+def _resumed_groups(model: MLP, cfg: TrainConfig) -> ParamGroups:
+    """The parameter groups ``METHODS[cfg.method]`` gave the first run, on the reloaded model (whose adapter
+    is already there: it is made active and trainable again, not added)."""
+    if cfg.method in ("full", "head"):
+        return METHODS[cfg.method](model, cfg)
+    set_adapter(model, cfg.adapter_name)
+    if cfg.method == "lora-plus":
+        return loraplus_param_groups(model, cfg.lr, cfg.loraplus_ratio)
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
 METHODS: dict[str, Callable[[MLP, TrainConfig], ParamGroups]] = {
     "lora": _lora,
     "dora": _dora,
@@ -213,31 +236,6 @@ def predict(model: MLP, x: Any) -> np.ndarray:
     return logits.backend.to_numpy(logits.data).argmax(axis=1)
 
 
-class Progress:
-    """One line per epoch, redrawn in place on a terminal: bar, running loss, samples/s."""
-
-    def __init__(self, label: str, total: int, stream: Any = None) -> None:
-        self.label, self.total, self.stream = label, total, stream or sys.stdout
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int, samples: int, loss: float, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and (not self.tty or now - self.last < 0.2):
-            return
-        self.last = now
-        width = 30
-        filled = int(width * done / self.total)
-        rate = samples / max(now - self.start, 1e-9)
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  loss {loss:.4f}  {rate:,.0f} samples/s"
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-
-
 @dataclass
 class Data:
     """The train and test splits, already on the backend's device (batches are views or gathers there)."""
@@ -261,21 +259,33 @@ def load_data(cfg: TrainConfig, backend: Backend, log: Callable[[str], None] = p
     return Data(backend.asarray(x_train), backend.asarray(y_train), backend.asarray(x_test), backend.asarray(y_test))
 
 
-def build_model(cfg: TrainConfig, backend: Backend, data: Data,
-                log: Callable[[str], None] = print) -> tuple[MLP, Adam, dict[str, int]]:
-    """The model (new, or ``--base``) prepared for ``cfg.method``, its optimizer and its parameter counts."""
+def build_model(cfg: TrainConfig, backend: Backend, data: Data, log: Callable[[str], None] = print,
+                state: RunState | None = None) -> tuple[MLP, Adam, dict[str, int]]:
+    """The model (new, ``--model-dir``, or the ``--resume`` run's) prepared for ``cfg.method``, its optimizer and
+    its parameter counts. On resume (``state``) the optimizer is built over the same tensors in the same
+    order as the first run's, then given the saved state."""
+    if cfg.resume and state is not None:
+        log(f"📊 Resuming {cfg.resume}: epoch {state.epoch} of {cfg.epochs} done")
+        model, _ = load_model(cfg.resume)
+        groups = _resumed_groups(model, cfg)
+        model.to(backend)
+        optimizer = Adam(groups, lr=cfg.lr)
+        state.restore(optimizer)
+        counts = {**count_parameters(model), "baseline": state.counts.get("baseline", model.num_parameters())}
+        log(f"   Trainable parameters: {counts['trainable']:>9,}")
+        return model, optimizer, counts
     if cfg.base:
         log(f"📊 Loading base model from {cfg.base}...")
         model, _ = load_model(cfg.base)
         if next(lora_layers(model), None) is not None and cfg.method in ("full", "head"):
             raise AdapterError(
-                f"--base {cfg.base} holds adapters ({', '.join(list_adapters(model))}); --method {cfg.method} needs a plain "
+                f"--model-dir {cfg.base} holds adapters ({', '.join(list_adapters(model))}); --method {cfg.method} needs a plain "
                 "model: fold them in first (cli.py merge --unload) or train another adapter with --adapter-name"
             )
         n_in = int(data.x_train.shape[1])
         if model.dims[0] != n_in or model.dims[-1] != 10:
             raise AdapterError(
-                f"--base {cfg.base} has shape {' -> '.join(map(str, model.dims))}; this data needs {n_in} -> ... -> 10"
+                f"--model-dir {cfg.base} has shape {' -> '.join(map(str, model.dims))}; this data needs {n_in} -> ... -> 10"
             )
     else:
         log("📊 Creating baseline MLP...")
@@ -304,8 +314,11 @@ def build_model(cfg: TrainConfig, backend: Backend, data: Data,
 
 
 def train_epoch(model: MLP, optimizer: Adam, batches: Iterable[tuple[Any, Any]],
-                on_step: Callable[[int, Any], None] | None = None) -> Any:
-    """One pass over ``batches``; returns the summed loss as a device scalar (no host sync per step)."""
+                on_step: Callable[[int, Any], None] | None = None, step_losses: list[Any] | None = None) -> Any:
+    """One pass over ``batches``; returns the summed loss as a device scalar (no host sync per step).
+
+    ``step_losses``, if given, receives every step's loss as a device scalar (read back once, later).
+    """
     loss_sum = None
     for i, (x, y) in enumerate(batches):
         loss = F.cross_entropy(model(x), y)  # forward: builds the graph
@@ -313,6 +326,8 @@ def train_epoch(model: MLP, optimizer: Adam, batches: Iterable[tuple[Any, Any]],
         loss.backward()                       # backward: fills .grad of the trainable tensors only
         optimizer.step()                      # update: Adam on the trainable tensors
         loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
+        if step_losses is not None:
+            step_losses.append(loss.data)
         if on_step is not None:
             on_step(i, loss_sum)
     return loss_sum
@@ -325,39 +340,48 @@ def tensor_batches(data: Data, backend: Backend, batch_size: int, seed: int, epo
 
 
 def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Backend,
-        log: Callable[[str], None] = print, world: Solo | World = Solo()) -> tuple[list[float], float]:
-    """``cfg.epochs`` epochs of ``train_epoch``, each followed by a test-set evaluation.
+        log: Callable[[str], None] = print, world: Solo | World = Solo(), start_epoch: int = 0,
+        losses: list[float] | None = None, on_epoch: Callable[[int, float, float], None] | None = None,
+        ) -> tuple[list[float], float]:
+    """Epochs ``start_epoch`` .. ``cfg.epochs - 1`` of ``train_epoch``, each followed by a test-set evaluation.
 
     Returns the per-epoch test accuracies and the seconds spent training (evaluation excluded). With a
     ``World`` of N ranks, each step takes a global batch of N x ``cfg.batch_size`` and this rank trains on its
-    shard of it; only rank 0 evaluates.
+    shard of it; only rank 0 evaluates. ``losses`` gains every step's training loss (under N ranks, rank 0's
+    shard's); ``on_epoch(epochs_done, accuracy, epoch_seconds)`` runs on rank 0 after each epoch (checkpoints).
     """
     accuracies: list[float] = []
     global_batch = cfg.batch_size * world.size
     steps = num_batches(data.n_train, global_batch)
     model.train()
     train_time = 0.0
-    for epoch in range(cfg.epochs):
-        bar = Progress(f"Epoch {epoch + 1}/{cfg.epochs}", steps, stream=None if world.is_main else io.StringIO())
+    for epoch in range(start_epoch, cfg.epochs):
+        bar = EpochProgress(f"Epoch {epoch + 1}/{cfg.epochs}", steps, stream=None if world.is_main else io.StringIO())
         guard = LossGuard(backend, cfg, epoch, steps)
 
         def show(i: int, loss_sum: Any) -> None:
             guard.step(i, loss_sum)
-            if bar.tty and (i % 50 == 0 or i == steps - 1):
-                bar.update(i + 1, min((i + 1) * global_batch, data.n_train), float(loss_sum) / (i + 1))
+            if bar.due():
+                bar.update(i + 1, min((i + 1) * global_batch, data.n_train), lambda: float(loss_sum) / (i + 1))
 
+        step_losses: list[Any] = []
         epoch_start = time.perf_counter()
         batches = world.shard(tensor_batches(data, backend, global_batch, cfg.seed, epoch))
-        loss_sum = train_epoch(model, optimizer, batches, show)
+        loss_sum = train_epoch(model, optimizer, batches, show, step_losses if losses is not None else None)
         running = world.mean(float(loss_sum) / steps if loss_sum is not None else 0.0)
-        train_time += time.perf_counter() - epoch_start
+        seconds = time.perf_counter() - epoch_start
+        train_time += seconds
         bar.update(steps, data.n_train, running, force=True)
         bar.close()
         if not world.is_main:  # rank 0 evaluates, logs and saves
             continue
+        if losses is not None and step_losses:
+            losses.extend(float(v) for v in backend.to_numpy(backend.xp.stack(step_losses)))  # one read per epoch
         acc = evaluate(model, data.x_test, data.y_test)
         accuracies.append(acc)
         log(f"   Epoch {epoch + 1}: train loss {running:.4f}, test accuracy {acc:.2%}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, acc, seconds)
     return accuracies, train_time
 
 
@@ -420,25 +444,53 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     cfg.validate()
     log = world.quiet(log)
     backend: Backend = get_backend(cfg.backend)
+    state = RunState()
+    if cfg.resume:
+        _, state = read_run(cfg.resume)
+        if state.epoch >= cfg.epochs:
+            raise ConfigError(f"--resume {cfg.resume} has already trained {state.epoch} epoch(s); "
+                              f"pass --epochs N above {state.epoch} (the total to reach)")
     manual_seed(cfg.seed)
     data = load_data(cfg, backend, log)
-    model, optimizer, counts = build_model(cfg, backend, data, log)
+    model, optimizer, counts = build_model(cfg, backend, data, log, state if cfg.resume else None)
     optimizer = world.prepare(optimizer, model, agreement_record(asdict(cfg), data), log)
+    state.counts = {k: counts[k] for k in ("baseline", "total", "trainable", "frozen")}
+    output = Path(cfg.output)
+    best = output.with_name(output.name + "-best")
+    start_epoch = state.epoch
+    ranks = {"ranks": world.size} if world.size > 1 else {}
+
+    def checkpoint(epoch: int, accuracy: float, seconds: float) -> None:
+        """--save-every-epoch: the folder holds the last epoch (resumable); OUTPUT-best the best test accuracy."""
+        state.epoch, state.train_seconds = epoch, state.train_seconds + seconds
+        state.accuracies.append(accuracy)
+        if cfg.save_every_epoch:
+            save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
+            if accuracy > max(state.accuracies[:-1], default=-1.0):
+                save_run(model, optimizer, best, {**asdict(cfg), **ranks}, state)
+                log(f"   Saved epoch {epoch} to {output} (best so far: also {best})")
+            else:
+                log(f"   Saved epoch {epoch} to {output}")
 
     batch = f"{world.size} x {cfg.batch_size} = {world.size * cfg.batch_size}" if world.size > 1 else cfg.batch_size
-    log(f"\n🚀 Training for {cfg.epochs} epoch(s), batch {batch}, lr {cfg.lr:g}...")
+    log(f"\n🚀 Training for {cfg.epochs - start_epoch} epoch(s), batch {batch}, lr {cfg.lr:g}...")
     t0 = time.perf_counter()
-    accuracies, train_time = fit(cfg, model, optimizer, data, backend, log, world)
+    _, train_time = fit(cfg, model, optimizer, data, backend, log, world, start_epoch, state.losses, checkpoint)
     wall = time.perf_counter() - t0
 
-    output = Path(cfg.output)
     if not world.is_main:
         world.finish()
         return None
-    ranks = {"ranks": world.size} if world.size > 1 else {}
-    save_model(model, output, extra={"training": {**asdict(cfg), **ranks, "test_accuracy": accuracies}})
+    if not cfg.save_every_epoch:  # else the last epoch is saved already
+        save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
     world.finish()
-    return report(cfg, backend, counts, accuracies, train_time, wall, output, cfg.epochs * data.n_train, log)
+    metrics = report(cfg, backend, counts, state.accuracies, train_time, wall, output,
+                     (cfg.epochs - start_epoch) * data.n_train, log)
+    metrics["loss_per_step"] = state.losses
+    metrics["steps_per_epoch"] = num_batches(data.n_train, cfg.batch_size * world.size)
+    if cfg.resume:
+        metrics["resumed_from"] = {"model_dir": cfg.resume, "epoch": start_epoch}
+    return metrics
 
 
 def report(cfg: TrainConfig, backend: Backend, counts: dict[str, int], accuracies: list[float], train_time: float,

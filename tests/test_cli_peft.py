@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, assert_one_line_error, cli_main
+from conftest import DATA, ROOT, assert_one_line_error, cli_main, needs_mnist
 
-pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+pytestmark = needs_mnist
 
 import cli  # noqa: E402
 
@@ -145,11 +145,20 @@ def test_merge_export_import_and_unload(two_adapter_folder: Path, capsys) -> Non
 # ------------------------------------------------------------------------------ bad input
 
 
+def test_rank_above_a_layer_width_trains_with_one_warning_line(tmp_path: Path, capsys) -> None:
+    code, out, err = run(capsys, "train", *SMALL, "--rank", "16", "--output", str(tmp_path / "m"))
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: rank r=16 exceeds min(in, out) = 10 of module 'fc3'"), err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["adapters"]["default"]["r"] == 16
+    code, out, err = run(capsys, "infer", "--model-dir", str(tmp_path / "m"), "--samples", "2")
+    assert code == 0 and err == "", err  # loading the folder does not repeat the note
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
         (["--rank", "0"], "--rank"),
-        (["--rank", "11"], "min(in, out) = 10 of module 'fc3'"),
         (["--alpha", "0"], "lora_alpha must be > 0"),
         (["--alpha", "-2", "--method", "dora"], "lora_alpha must be > 0"),
         (["--dropout", "1"], "dropout must be in [0, 1)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import re
 import os
 import socket
 import struct
@@ -38,17 +39,12 @@ from minitorch_peft.data import (
 )
 from minitorch_peft.data import download as dl
 
+from conftest import DATA, DATA_MISSING
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _shared_data() -> Path:
-    """The shared dataset folder: $MINITORCH_PEFT_DATA (relative to the repo root) or <repo>/../shared/data."""
-    env = os.environ.get(ENV_VAR, "")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    return path if path.is_absolute() else (REPO / path).resolve()
-
-
-SHARED = _shared_data()  # read before the autouse fixture below clears the env var
+SHARED = DATA  # conftest's data folder ($MINITORCH_PEFT_DATA, else the cache), read before tests clear the env var
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 MNIST_TRAIN_HEAD = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
 MNIST_TEST_HEAD = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
@@ -58,6 +54,8 @@ FASHION_TRAIN_HEAD = [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
 @pytest.fixture
 def shared() -> Path:
     """Path to the real MNIST / Fashion-MNIST files, or skip."""
+    if DATA_MISSING is not None:
+        pytest.skip(DATA_MISSING)
     if not all((SHARED / name / f).is_file() for name in DATASETS for f in TEST_FILES):
         pytest.skip(f"real datasets not found in {SHARED}; set {ENV_VAR} to the folder holding mnist/ and fashion-mnist/")
     return SHARED
@@ -372,7 +370,10 @@ def _sha256(path: Path) -> str:
 
 def test_hard_coded_hashes_match_shared_sums(shared: Path) -> None:
     for name in DATASETS:
-        sums = dict(reversed(line.split()) for line in (shared / name / "SHA256SUMS").read_text().splitlines() if line)
+        if (shared / name / "SHA256SUMS").is_file():  # the shared folder's own list
+            sums = dict(reversed(line.split()) for line in (shared / name / "SHA256SUMS").read_text().splitlines() if line)
+        else:  # the cache holds only the files: hash them
+            sums = {f: _sha256(shared / name / f) for f in SHA256[name]}
         assert SHA256[name] == sums
 
 
@@ -387,6 +388,15 @@ def test_download_good(server: types.SimpleNamespace, isolated: Path) -> None:
     clear_cache()
     load_mnist_like("mnist", "test", mirrors=[server.url("good")])
     assert len(server.requests) == n  # already on disk: nothing fetched again
+
+
+def test_download_shows_a_progress_line(server: types.SimpleNamespace, isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load_mnist_like("mnist", "test", mirrors=[server.url("good")])
+    err = capsys.readouterr().err
+    size = (SHARED / "mnist" / TEST_FILES[0]).stat().st_size / 1e6
+    # not a terminal: a plain line per file when it is complete (and every few seconds before)
+    assert re.search(rf"Downloading mnist/{re.escape(TEST_FILES[0])}: {size:.1f} / {size:.1f} MB \(100%\), [\d.]+ MB/s", err), err
+    assert f"Downloading mnist/{TEST_FILES[1]}" in err
 
 
 def test_download_uses_module_mirrors(server: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
@@ -598,3 +608,29 @@ def test_batches_convert_indices_with_xp(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "fakexp", fake)
     got = [b.a for b, _ in iterate_batches(x, x, 4, seed=3)]
     assert len(calls) == 2 and sorted(np.concatenate(got).tolist()) == list(range(10))
+
+
+def test_without_data_or_network_the_data_tests_skip_with_a_reason(isolated: Path) -> None:
+    """conftest.find_data: no $MINITORCH_PEFT_DATA, an empty cache and no reachable mirror give a reason that
+    says what is missing and how to fix it (pytest's -rs prints it in the summary), never a silent skip."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from conftest import find_data
+
+    root, reason = find_data()
+    assert root == isolated
+    assert reason is not None and str(isolated) in reason and "could not be downloaded" in reason
+    assert "MINITORCH_PEFT_DATA" in reason
+    addopts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "-rs" in addopts.split()
+
+
+def test_with_a_network_the_data_comes_to_the_cache_once(server: types.SimpleNamespace, isolated: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import find_data
+
+    for name in DATASETS:
+        monkeypatch.setitem(dl.MIRRORS, name, (server.url("good", name),))
+    root, reason = find_data()
+    assert reason is None and root == isolated and len(server.requests) == 8  # 2 datasets x 2 splits x 2 files
+    assert find_data() == (isolated, None) and len(server.requests) == 8  # the second time: nothing downloaded

@@ -98,7 +98,7 @@ def test_disagreement_names_what_differs() -> None:
     line = disagreement([same, same, {**same, "data": "cd"}])
     assert line is not None and "training data" in line and "rank 2" in line
     line = disagreement([same, {**same, "weights": {"all": "y"}}])
-    assert line is not None and "initial weights" in line and "--base" in line
+    assert line is not None and "initial weights" in line and "--model-dir" in line
 
 
 def test_distributed_without_mpi4py_is_one_line_naming_the_extra(capsys: pytest.CaptureFixture[str],

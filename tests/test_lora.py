@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from minitorch_peft.random import generator  # noqa: E402
 from minitorch_peft.nn import MLP, Linear, Module, Sequential  # noqa: E402
 from minitorch_peft.optim import SGD, Adam  # noqa: E402
 from minitorch_peft.peft import (  # noqa: E402
-    AdapterError, LoRAFunction, LoRALinear, LoraConfig, active_adapter, add_adapter, count_parameters,
+    AdapterError, LoRAFunction, LoRALinear, LoraConfig, RankWarning, active_adapter, add_adapter, count_parameters,
     delete_adapter, disable_adapters, inject_adapters, list_adapters, lora_layers, merge_adapters, merge_and_unload,
     set_adapter, unmerge_adapters,
 )
@@ -121,8 +122,6 @@ def test_forward_matches_formula_and_dropout_only_in_training() -> None:
 
 def test_bad_settings_are_adapter_errors() -> None:
     lin = Linear(10, 4)
-    with pytest.raises(AdapterError, match="larger than min"):
-        LoRALinear.from_linear(lin, r=5)
     with pytest.raises(AdapterError, match=">= 1"):
         LoRALinear.from_linear(lin, r=0)
     with pytest.raises(AdapterError, match="lora_alpha"):
@@ -167,9 +166,41 @@ def test_unknown_target_lists_available_names_and_changes_nothing() -> None:
     with pytest.raises(AdapterError, match=r"'fc9'.*enc\.0, enc\.1, head"):
         inject_adapters(net, r=2, target_modules=["head", "fc9"])
     assert not list(lora_layers(net)) and all(p.requires_grad for p in net.parameters())
-    with pytest.raises(AdapterError, match="larger than min"):
-        inject_adapters(net, r=4, target_modules=["head"])
     assert not list(lora_layers(net))
+
+
+# ------------------------------------------------------------------------------ a rank above a layer's width
+
+
+def test_rank_above_the_width_is_accepted_with_one_warning() -> None:
+    """As PEFT: any r >= 1 on any layer; r > min(in, out) adds parameters, not expressive power: one warning."""
+    manual_seed(0)
+    net = Net()  # head is 8 -> 3
+    with pytest.warns(RankWarning) as record:
+        inject_adapters(net, r=5, target_modules=["enc.0", "head"])
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "r=5 exceeds min(in, out) = 3 of module 'head'" in message and "enc.0" not in message
+    assert net.head.lora_A["default"].shape == (5, 8) and net.head.lora_B["default"].shape == (3, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rank that fits says nothing
+        inject_adapters(Net(), r=3, target_modules=["head"])
+    with pytest.warns(RankWarning, match="'head'"):
+        add_adapter(net, "wide", LoraConfig(r=9, target_modules=["head"]))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_rank_above_the_width_gradients_match_finite_differences(use_dora: bool) -> None:
+    manual_seed(1)
+    base = Linear(7, 3, dtype=np.float64)
+    layer = LoRALinear.from_linear(base, config=LoraConfig(r=6, lora_alpha=4, use_dora=use_dora, dora_norm_grad=True))
+    layer.lora_B["default"].data[...] = rng(2).standard_normal((3, 6))
+    x = as_leaf(rng(3).standard_normal((5, 7)))
+    params = [layer.lora_A["default"], layer.lora_B["default"]] + ([layer.lora_magnitude_vector["default"]] if use_dora else [])
+    grads = gradcheck(lambda x, *p: layer(x), x, *params)
+    assert all(np.abs(g).max() > 0 for g in grads)
+    expected = x.data @ (layer.merged_weight()).T + layer.bias.data  # merging a wide adapter is still exact
+    np.testing.assert_allclose(layer(Tensor(x.data)).data, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_rank_pattern_gives_a_module_its_own_rank_and_survives_a_checkpoint(tmp_path) -> None:

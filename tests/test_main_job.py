@@ -35,7 +35,9 @@ def test_train_then_infer_reproduces_accuracy(tmp_path: Path, method: str, extra
         assert (out / "adapters.npz").stat().st_size < (out / "base.npz").stat().st_size / 10
     else:
         assert metrics["params"]["trainable"] == 535_818
-    assert {p.name for p in out.iterdir()} <= {"config.json", "base.npz", "adapters.npz"}
+    # the model, plus what --resume needs (optimizer state, per-step losses); nothing else (no temp files)
+    assert {p.name for p in out.iterdir()} <= {"config.json", "base.npz", "adapters.npz", "optimizer.npz", "history.npz"}
+    assert {"config.json", "base.npz", "optimizer.npz", "history.npz"} <= {p.name for p in out.iterdir()}
 
     infer = run_cli("infer", "--model-dir", str(out), "--samples", "10", "--json", str(tmp_path / "infer.json"))
     assert infer.returncode == 0, infer.stderr

@@ -260,3 +260,69 @@ def test_other_invalid_settings_raise():
         Adam([p], eps=0.0)
     with pytest.raises(ValueError):
         Adam([p], weight_decay=-0.1)
+
+
+# ------------------------------------------------------------------------------ state_dict / load_state_dict
+
+
+def _run(opt_factory, steps: int, split_at: int | None = None):
+    """``steps`` steps of the made-up loss; with ``split_at``, the optimizer is rebuilt there from its
+    state_dict (through a save-like host copy), as a resumed run does. Returns the final parameters."""
+    a = Tensor(P0.copy(), requires_grad=True)
+    b = Tensor(P0[0].copy() * 2, requires_grad=True)
+    frozen = Tensor(P0.copy(), requires_grad=False)
+    opt = opt_factory([{"params": [a, frozen], "lr": 0.05}, {"params": [b], "lr": 0.01}])
+    for t in range(steps):
+        if t == split_at:
+            saved = opt.state_dict()
+            host = {"state": {i: {k: (np.array(v) if hasattr(v, "shape") else v) for k, v in s.items()}
+                              for i, s in saved["state"].items()},
+                    "param_groups": [dict(g) for g in saved["param_groups"]]}
+            opt = opt_factory([{"params": [a, frozen], "lr": 0.05}, {"params": [b], "lr": 0.01}])
+            opt.load_state_dict(host)
+        for p in (a, b):
+            p.grad = grad_of(p.data)
+        opt.step()
+    return a.data.copy(), b.data.copy(), opt
+
+
+@pytest.mark.parametrize("factory", [
+    lambda g: Adam(g, lr=0.05),
+    lambda g: AdamW(g, lr=0.05, weight_decay=0.1),
+    lambda g: SGD(g, lr=0.05, momentum=0.9, weight_decay=0.01),
+    lambda g: SGD(g, lr=0.05),
+], ids=["adam", "adamw", "sgd-momentum", "sgd"])
+def test_state_dict_round_trip_continues_bit_identically(factory) -> None:
+    a1, b1, _ = _run(factory, 6)
+    a2, b2, _ = _run(factory, 6, split_at=3)
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(b1, b2)
+    a3, _, _ = _run(factory, 6, split_at=0)  # an empty state loads too
+    np.testing.assert_array_equal(a1, a3)
+
+
+def test_state_dict_has_pytorchs_layout() -> None:
+    _, _, opt = _run(lambda g: Adam(g, lr=0.05), 2)
+    sd = opt.state_dict()
+    assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2]]
+    assert [g["lr"] for g in sd["param_groups"]] == [0.05, 0.01] and sd["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert sorted(sd["state"]) == [0, 2]  # the frozen tensor (index 1) has no state
+    assert sd["state"][0]["step"] == 2 and sd["state"][0]["m"].shape == P0.shape
+
+
+def test_load_state_dict_restores_settings_and_refuses_what_does_not_fit() -> None:
+    from minitorch_peft.optim import OptimizerStateError
+
+    _, _, opt = _run(lambda g: Adam(g, lr=0.05), 2)
+    sd = opt.state_dict()
+    sd["param_groups"][1]["lr"] = 0.5
+    other = Adam([{"params": [Tensor(P0.copy(), requires_grad=True), Tensor(P0.copy())]},
+                  {"params": [Tensor(P0[0].copy(), requires_grad=True)]}], lr=1.0)
+    other.load_state_dict(sd)
+    assert [g["lr"] for g in other.param_groups] == [0.05, 0.5]
+    assert other.state_dict()["state"][0]["m"] is not sd["state"][0]["m"]  # copied, never shared
+    with pytest.raises(OptimizerStateError, match=r"2 parameter group\(s\), this optimizer 1"):
+        Adam([Tensor(P0.copy(), requires_grad=True)]).load_state_dict(sd)
+    with pytest.raises(OptimizerStateError, match="shape"):
+        Adam([{"params": [Tensor(P0[0].copy(), requires_grad=True), Tensor(P0.copy())]},
+              {"params": [Tensor(P0[0].copy(), requires_grad=True)]}]).load_state_dict(sd)

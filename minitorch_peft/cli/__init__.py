@@ -8,10 +8,11 @@ in one line on stderr and exit status 2; anything else is a bug and shows its tr
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
-from ..errors import MinitorchPeftError
+from ..errors import MinitorchPeftError, MinitorchPeftWarning
 from . import adapters, bench, infer, teach, train  # noqa: F401  (each registers its commands on the group)
 from .app import UserError, cli
 
@@ -19,7 +20,26 @@ __all__ = ["UserError", "cli", "main", "run"]
 
 
 def main(argv: list[str] | None = None, prog_name: str = "cli.py") -> int:
-    """Run the CLI; expected failures become one line on stderr and exit status 2 (130 on Ctrl-C)."""
+    """Run the CLI; expected failures become one line on stderr and exit status 2 (130 on Ctrl-C).
+
+    The project's own warnings (``MinitorchPeftWarning``: a setting that works but deserves a note) become
+    one ``warning: ...`` line on stderr; any other warning keeps Python's format (file and line).
+    """
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            if issubclass(category, MinitorchPeftWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", MinitorchPeftWarning)  # every run says it, even twice in one process
+        return _main(argv, prog_name)
+
+
+def _main(argv: list[str] | None, prog_name: str) -> int:
     try:
         cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:

@@ -6,7 +6,7 @@ import math
 
 import click
 
-from .app import JSON, UserError, cli, floats, output_folder, split, user_paths, write_json
+from .app import JSON, UserError, apply_aliases, cli, floats, given, hidden_alias, output_folder, split, user_paths, warn, write_json
 
 
 @cli.command()
@@ -17,8 +17,9 @@ from .app import JSON, UserError, cli, floats, output_folder, split, user_paths,
               help="cat | linear | svd | ties | dare_linear | dare_ties.")
 @click.option("--rank", type=int, default=None, help="Rank of the result (default: the largest input rank; cat: the sum).")
 @click.option("--density", type=float, default=None, help="ties / dare: share of each update kept, in (0, 1].")
-@click.option("--seed", default=0, show_default=True, type=int, help="dare: seed of the random drops.")
-@click.option("--name", "new_name", default="merged", show_default=True, help="Name of the combined adapter.")
+@click.option("--seed", default=42, show_default=True, type=int, help="dare_linear / dare_ties: seed of the random drops.")
+@click.option("--adapter-name", "new_name", default="merged", show_default=True, help="Name of the combined adapter.")
+@hidden_alias("--name", "new_name")
 @click.option("--unload", is_flag=True, default=False,
               help="Fold the combined (without --adapters: the active) adapter into the base: save a plain model.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
@@ -34,6 +35,18 @@ def merge(model_dir: str, adapters: str | None, weights: str | None, combination
         raise UserError(f"--seed must be >= 0, got {seed}")
     if density is not None and not math.isfinite(density):
         raise UserError(f"--density must be a finite number in (0, 1], got {density}")
+    ctx = click.get_current_context()
+    new_name = apply_aliases(ctx, {"new_name": new_name})["new_name"]
+    ignored = []
+    if combination not in ("ties", "dare_linear", "dare_ties") and given(ctx, "density"):
+        ignored.append("--density (ties / dare_linear / dare_ties only)")
+    if not combination.startswith("dare") and given(ctx, "seed"):
+        ignored.append("--seed (dare_linear / dare_ties only)")
+    if not adapters and any(given(ctx, n) for n in ("weights", "combination", "rank", "density", "new_name")):
+        ignored.append("--weights/--combination/--rank/--density/--adapter-name (they need --adapters)")
+    if ignored:
+        warn(f"--combination {combination} ignores {'; '.join(ignored)}" if adapters else f"without --adapters, merge ignores {'; '.join(ignored)}")
+
     with user_paths():
         model, _ = load_model(model_dir)
     have = list_adapters(model)
@@ -61,7 +74,8 @@ def merge(model_dir: str, adapters: str | None, weights: str | None, combination
 
 @cli.command("export-peft")
 @click.option("--model-dir", required=True, type=click.Path(), help="The model folder holding the adapter.")
-@click.option("--adapter", default=None, help="Adapter to export (default: the active one).")
+@click.option("--adapter-name", "adapter", default=None, help="Adapter to export (default: the active one).")
+@hidden_alias("--adapter", "adapter")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the PEFT files.")
 def export_peft(model_dir: str, adapter: str | None, output: str) -> None:
     """Write one adapter as Hugging Face PEFT files: adapter_config.json + adapter_model.safetensors."""
@@ -69,6 +83,8 @@ def export_peft(model_dir: str, adapter: str | None, output: str) -> None:
     from ..peft import active_adapter, save_peft
 
     output_folder(output, kind="peft")
+    adapter = apply_aliases(click.get_current_context(), {"adapter": adapter})["adapter"]
+
     with user_paths():
         model, _ = load_model(model_dir)
     name = adapter or active_adapter(model)
@@ -78,11 +94,13 @@ def export_peft(model_dir: str, adapter: str | None, output: str) -> None:
 
 
 @cli.command("import-peft")
-@click.option("--base", required=True, type=click.Path(), help="A model folder (plain, or with other adapters).")
+@click.option("--model-dir", "base", default=None, type=click.Path(),
+              help="A model folder (plain, or with other adapters).  [required]")
+@hidden_alias("--base", "base", type=click.Path())
 @click.option("--peft", "peft_dir", required=True, type=click.Path(), help="A Hugging Face PEFT adapter folder.")
 @click.option("--adapter-name", default="default", show_default=True, help="Name the imported adapter gets.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
-def import_peft(base: str, peft_dir: str, adapter_name: str, output: str) -> None:
+def import_peft(base: str | None, peft_dir: str, adapter_name: str, output: str) -> None:
     """Load a Hugging Face PEFT LoRA / DoRA adapter onto a base model folder and save the result."""
     from ..checkpoint import load_model, save_model
     from ..peft import load_peft
@@ -94,6 +112,10 @@ def import_peft(base: str, peft_dir: str, adapter_name: str, output: str) -> Non
     except CheckpointError as e:
         raise UserError(str(e)) from None
     output_folder(output)
+    base = apply_aliases(click.get_current_context(), {"base": base})["base"]
+    if base is None:
+        raise UserError("--model-dir is required: the model folder to load the adapter onto")
+
     with user_paths():
         model, _ = load_model(base)
         load_peft(model, peft_dir, adapter_name)

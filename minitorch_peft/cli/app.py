@@ -7,6 +7,7 @@ import math
 from typing import Any, Iterator
 
 import click
+from click.core import ParameterSource
 
 from ..errors import MinitorchPeftError
 
@@ -56,6 +57,42 @@ def output_folder(path: str, flag: str = "--output", kind: str = "model") -> Non
     from ..outputs import check_output
 
     check_output(path, flag, kind)  # type: ignore[arg-type]
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (a flag that has no effect, say); the run goes on."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line (or set by its environment variable)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def hidden_alias(old: str, canonical: str, **option: Any) -> Any:
+    """An old spelling of an option, kept working (so no script breaks) but hidden from ``--help``.
+
+    The value lands in ``ctx.meta["aliases"][canonical]``; ``apply_aliases`` moves it to the canonical
+    parameter. Giving both spellings is an error.
+    """
+    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            ctx.meta.setdefault("aliases", {})[canonical] = (old, value)
+        return value
+
+    return click.option(old, f"alias_{canonical}", hidden=True, default=None, expose_value=False, callback=remember,
+                        help=f"Old spelling of --{canonical.replace('_', '-')}.", **option)
+
+
+def apply_aliases(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the values given through hidden aliases moved to their canonical names."""
+    for canonical, (old, value) in ctx.meta.get("aliases", {}).items():
+        flag = "--" + canonical.replace("_", "-")
+        if given(ctx, canonical):
+            raise UserError(f"{old} is the old spelling of {flag}: give one of them")
+        params[canonical] = value
+    return params
 
 
 BACKEND = click.option("--backend", default="numpy", show_default=True, type=click.Choice(["numpy", "cupy"]),

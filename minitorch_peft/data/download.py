@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +133,20 @@ def download_file(
     mirrors: Sequence[str],
     sha256: str,
     timeout: float | tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
+    progress: Callable[[int, int | None, bool], None] | None = None,
 ) -> Path:
     """Fetch `filename` from the first mirror that serves it intact into `folder`; return its path.
 
     ``timeout``: (connect, read) seconds, or one number for both. Each mirror that fails (refused,
     silent, cut off, wrong hash) is reported in the final error if every mirror fails.
+    `progress(received_bytes, total_bytes_or_None, done)` is called as the bytes arrive; by default a
+    progress line on stderr (`minitorch_peft.progress.DownloadProgress`).
     """
     folder = Path(folder)
+    if progress is None:
+        from ..progress import DownloadProgress
+
+        progress = DownloadProgress(f"{folder.name}/{filename}")
     dest = folder / filename
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,7 @@ def download_file(
         url = base if base.endswith("/") else base + "/"
         url += filename
         try:
-            _fetch_verified(url, dest, sha256, timeout if isinstance(timeout, tuple) else (timeout, timeout))
+            _fetch_verified(url, dest, sha256, timeout if isinstance(timeout, tuple) else (timeout, timeout), progress)
             return dest
         except _MirrorFailed as e:
             failures.append(str(e))
@@ -162,7 +169,8 @@ def download_file(
     raise DataError(f"could not download {filename} into {folder}: {'; '.join(failures)}")
 
 
-def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, float]) -> None:
+def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, float],
+                    progress: Callable[[int, int | None, bool], None] = lambda *_: None) -> None:
     """Stream `url` into a temp file beside `dest` and rename it over `dest` only if the hash matches."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -172,9 +180,11 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, flo
         request = urllib.request.Request(url, headers={"User-Agent": "minitorch_peft"})
         _progress(f"Downloading {url} ...")
         with os.fdopen(fd, "wb") as out, _open(request, timeout) as response:
-            total = int(getattr(response, "headers", {}).get("Content-Length") or 0)
+            length = getattr(response, "headers", None) and response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
             while chunk := response.read(_CHUNK):
                 size += len(chunk)
+                progress(size, total, False)
                 if size > MAX_BYTES:
                     raise _MirrorFailed(f"{url}: more than {MAX_BYTES} bytes, not the expected file")
                 digest.update(chunk)
@@ -185,6 +195,7 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, flo
             raise _MirrorFailed(
                 f"{url}: SHA-256 mismatch for {dest.name} (expected {sha256}, got {got}); download discarded"
             )
+        progress(size, total, True)
         os.replace(tmp, dest)  # atomic: readers see either no file or the verified one
         _progress(f"  {dest.name}: {size / 1e6:.1f} MB, SHA-256 verified", end=True)
     except BaseException:

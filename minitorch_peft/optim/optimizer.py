@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
+import numpy as np
+
+from ..backend import backend_of
+from ..errors import MinitorchPeftError
 from ..tensor import Tensor
+
+
+class OptimizerStateError(MinitorchPeftError, ValueError):
+    """An optimizer state dict that does not fit this optimizer (other groups, tensors or shapes)."""
 
 
 class Optimizer:
@@ -52,3 +60,70 @@ class Optimizer:
 
     def step(self) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ state
+
+    def _indexed_params(self) -> list[Tensor]:
+        """Every tensor of every group, in group order: position i is index i in ``state_dict``."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """PyTorch's layout: ``{"state": {i: {name: value}}, "param_groups": [{settings, "params": [i, ...]}]}``.
+
+        Tensors are numbered 0, 1, ... through the groups in order (the state is keyed by that index, not
+        by the tensor, so it can be saved and loaded into a fresh optimizer over a rebuilt model). Arrays are
+        the live buffers, not copies, as in PyTorch; a tensor never updated (frozen) has no entry.
+        """
+        params = self._indexed_params()
+        index = {id(p): i for i, p in enumerate(params)}
+        groups: list[dict[str, Any]] = []
+        start = 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(start, start + n))})
+            start += n
+        state = {index[k]: dict(v) for k, v in self.state.items() if k in index}
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output: per-tensor state (copied, on each tensor's backend and dtype) and the
+        groups' settings. Everything is checked (group sizes, indices, shapes) before anything changes."""
+        try:
+            saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        except (KeyError, TypeError):
+            raise OptimizerStateError("an optimizer state dict needs 'state' and 'param_groups'") from None
+        if len(saved_groups) != len(self.param_groups):
+            raise OptimizerStateError(
+                f"the state has {len(saved_groups)} parameter group(s), this optimizer {len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise OptimizerStateError(f"parameter group {i} has {len(saved.get('params', ()))} tensor(s) in the state, "
+                                          f"{len(group['params'])} here")
+            unknown = set(saved) - set(group) - {"params"}
+            if unknown:
+                raise OptimizerStateError(f"parameter group {i}: unknown setting(s) {', '.join(sorted(unknown))}")
+        params = self._indexed_params()
+        state: dict[int, dict[str, Any]] = {}
+        for key, entry in saved_state.items():
+            i = int(key)
+            if not 0 <= i < len(params):
+                raise OptimizerStateError(f"state for tensor {i}, but the optimizer has {len(params)}")
+            p = params[i]
+            restored: dict[str, Any] = {}
+            for name, value in entry.items():
+                if hasattr(value, "shape") and getattr(value, "ndim", 0) > 0:
+                    if tuple(value.shape) != tuple(p.shape):
+                        raise OptimizerStateError(
+                            f"state {name!r} of tensor {i} has shape {tuple(value.shape)}, the tensor {tuple(p.shape)}")
+                    host = backend_of(value).to_numpy(value)
+                    restored[name] = p.backend.asarray(np.array(host, copy=True), dtype=p.data.dtype)  # never aliased
+                elif value is None:
+                    restored[name] = None
+                else:  # a count such as Adam's step (a 0-d array once it has been through a file)
+                    restored[name] = int(value)
+            state[id(p)] = restored
+        for saved, group in zip(saved_groups, self.param_groups):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+        self.state = state

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import MinitorchPeftError
+from ..errors import MinitorchPeftError, MinitorchPeftWarning
 
 INITS = ("kaiming", "gaussian")
 
 
 class AdapterError(MinitorchPeftError, ValueError):
     """An adapter setting, target or file that cannot work; the message names the problem."""
+
+
+class RankWarning(MinitorchPeftWarning):
+    """An adapter's rank exceeds a layer's min(in, out): allowed (as PEFT allows it), but worth one line."""
+
+
+def warn_wide_ranks(notes: list[str | None]) -> None:
+    """One warning for every layer whose rank exceeds its width (``check_fits`` notes; None = fits)."""
+    notes = [n for n in notes if n]
+    if notes:
+        warnings.warn(notes[0] if len(notes) == 1 else "; ".join(notes), RankWarning, stacklevel=3)
 
 
 @dataclass
@@ -78,12 +90,16 @@ class LoraConfig:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (which keeps the update's scale stable as r grows)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-    def check_fits(self, name: str, in_features: int, out_features: int) -> None:
-        """A rank above min(in, out) adds parameters without adding expressive power: refuse it."""
-        if self.r > min(in_features, out_features):
-            raise AdapterError(
-                f"rank r={self.r} is larger than min(in, out) = {min(in_features, out_features)} of module {name!r}"
-            )
+    def check_fits(self, name: str, in_features: int, out_features: int) -> str | None:
+        """Any rank >= 1 fits any layer, as in PEFT; above min(in, out) returns the one-line note to show.
+
+        B A has rank at most min(in, out), so a larger r adds parameters but no expressive power; the
+        math (forward, gradients, merge) is the same, so it is accepted and said once, never refused.
+        """
+        width = min(in_features, out_features)
+        if self.r > width:
+            return f"rank r={self.r} exceeds min(in, out) = {width} of module {name!r} (allowed, as in PEFT; the extra rank adds parameters, not expressive power)"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -108,7 +108,6 @@ class LoRALinear(Module):
         """Create adapter ``name``: A Kaiming-uniform (or N(0, 1/r)), B zeros, so the output is unchanged."""
         if name in self.configs:
             raise AdapterError(f"adapter {name!r} already exists in this layer")
-        config.check_fits(name, self.in_features, self.out_features)
         be, dtype = self.weight.backend, self.weight.dtype
         # drawn in float64 on the host and rounded once, by the backend, to the weight's dtype (which may
         # be a device library's dtype object that NumPy cannot read)

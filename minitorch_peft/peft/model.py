@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from ..nn.layers import Linear
 from ..nn.module import Module
-from .config import AdapterError, LoraConfig
+from .config import AdapterError, LoraConfig, warn_wide_ranks
 from .lora import LoRALinear
 
 
@@ -50,13 +50,15 @@ def inject_adapters(
             chosen.extend(h for h in hits if h not in chosen)
     if not chosen:
         raise AdapterError("the model has no Linear module to adapt")
+    notes = []
     for name in chosen:  # check every target before changing anything
         lin = model.get_submodule(name)
-        config.for_module(name).check_fits(name, lin.in_features, lin.out_features)
+        notes.append(config.for_module(name).check_fits(name, lin.in_features, lin.out_features))
         if quantize is not None:
             from .qlora import check_quantizable
 
             check_quantizable(name, lin, quantize, block_size)
+    warn_wide_ranks(notes)
     model.freeze()
     for name in chosen:
         lin = model.get_submodule(name)
@@ -97,10 +99,12 @@ def add_adapter(model: Module, name: str, config: LoraConfig) -> None:
         raise AdapterError(
             f"target module(s) {', '.join(missing)} have no adapter layer; adapted: {', '.join(n for n, _ in layers)}"
         )
+    notes = []
     for n, layer in chosen:
-        config.for_module(n).check_fits(n, layer.in_features, layer.out_features)
+        notes.append(config.for_module(n).check_fits(n, layer.in_features, layer.out_features))
         if name in layer.configs:
             raise AdapterError(f"adapter {name!r} already exists in {n}")
+    warn_wide_ranks(notes)
     for n, layer in chosen:
         layer.add_adapter(name, config.for_module(n))
 
