@@ -21,7 +21,7 @@ __all__ = ["UserError", "cli", "main", "run"]
 def main(argv: list[str] | None = None, prog_name: str = "cli.py") -> int:
     """Run the CLI; expected failures become one line on stderr and exit status 2 (130 on Ctrl-C)."""
     try:
-        cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        code = cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         return 130
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None, prog_name: str = "cli.py") -> int:
     except MinitorchPeftError as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0  # a command may return its exit status (bench --check)
 
 
 def run() -> None:
