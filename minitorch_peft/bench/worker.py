@@ -93,6 +93,12 @@ class OursSide(Side):
         from ..backend import get_backend
         from ..kernels import threads as blas
 
+        if threads is not None:
+            import numba
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=threads)  # every pool threadpoolctl knows, for the life of this worker
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         blas.set_threads(threads)  # the budget every large matmul gets (small ones run on one thread)
         self.backend = get_backend(backend)
 
@@ -151,6 +157,9 @@ class TorchSide(Side):
         device, self.skipped = torch_ref.torch_device(backend)
         self.device = device or "cpu"
         if threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=threads)  # NumPy's BLAS here too, though PyTorch's own pool does the work
             self.torch.set_num_threads(threads)
 
     def op_hello(self) -> dict[str, Any]:

@@ -39,14 +39,18 @@ from .app import BACKEND, DATA_DIR, DATASET, JSON, cli, split, user_paths, write
 @DATA_DIR
 @click.option("--base", type=click.Path(), default=None, help="Start from a model saved by an earlier run.")
 @click.option("--limit", type=int, default=None, help="Train on the first N training samples only.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="BLAS threads for a large matmul (default: every CPU; a small matmul always runs on one).")
 @JSON
-def train(json_path: str | None, **kwargs: Any) -> None:
+def train(json_path: str | None, threads: int | None, **kwargs: Any) -> None:
     """Fine-tune the 784-512-256-10 MLP with a PEFT method, evaluate each epoch, save the model."""
     from ..train import TrainConfig, train as run
 
     cfg = TrainConfig(**kwargs)
     cfg.validate()  # before the banner: a bad flag should print one line and nothing else
     click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
-    with user_paths():
+    from ..kernels.threads import limit
+
+    with user_paths(), limit(threads):
         metrics = run(cfg, log=click.echo)
     write_json(json_path, metrics)
