@@ -88,7 +88,7 @@ class OursSide(Side):
 
     name = "ours"
 
-    def __init__(self, threads: int | None, backend: str = "numpy") -> None:
+    def __init__(self, threads: int | None, backend: str = "numpy", size_policy: bool = True) -> None:
         super().__init__(threads)
         from ..backend import get_backend
         from ..kernels import threads as blas
@@ -99,7 +99,7 @@ class OursSide(Side):
 
             threadpool_limits(limits=threads)  # every pool threadpoolctl knows, for the life of this worker
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        blas.set_threads(threads)  # the budget every large matmul gets (small ones run on one thread)
+        blas.set_threads(threads, size_policy)  # the budget every large matmul gets (small ones run on one thread)
         self.backend = get_backend(backend)
 
     def op_hello(self) -> dict[str, Any]:
@@ -149,7 +149,7 @@ class TorchSide(Side):
 
     name = "torch"
 
-    def __init__(self, threads: int | None, backend: str = "numpy") -> None:
+    def __init__(self, threads: int | None, backend: str = "numpy", size_policy: bool = True) -> None:
         super().__init__(threads)
         from . import torch_ref
 
@@ -198,13 +198,13 @@ class TorchSide(Side):
         return torch_epoch(spec, method, batch_size, seed, lr, data_dir, self.device)
 
 
-def serve(side: str, threads: int | None, backend: str) -> int:
+def serve(side: str, threads: int | None, backend: str, size_policy: bool = True) -> int:
     """The worker's main loop: read a request, run it, answer; until "exit" or the end of stdin."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the work prints lands on stderr, never on the protocol stream
     sys.stdout = sys.stderr
     try:
-        worker: Side = (OursSide if side == "ours" else TorchSide)(threads, backend)
+        worker: Side = (OursSide if side == "ours" else TorchSide)(threads, backend, size_policy)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
         proto.write(json.dumps(_error(e)) + "\n")
         return 1
@@ -244,11 +244,11 @@ class Worker:
     worker's message; anything else as ``WorkerCrash`` with the worker's traceback.
     """
 
-    def __init__(self, side: str, threads: int | None = None, backend: str = "numpy") -> None:
+    def __init__(self, side: str, threads: int | None = None, backend: str = "numpy", size_policy: bool = True) -> None:
         if side not in SIDES:
             raise ValueError(f"unknown side {side!r}")
         self.side = side
-        cmd = [sys.executable, "-m", "minitorch_peft.bench.worker", side, str(threads or 0), backend]
+        cmd = [sys.executable, "-m", "minitorch_peft.bench.worker", side, str(threads or 0), backend, str(int(size_policy))]
         # the worker finds this package the way the parent did (a checkout run as `python cli.py` included)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -316,5 +316,5 @@ def remote_block(worker: Worker, case: str, warmup: int) -> Any:
 
 
 if __name__ == "__main__":
-    _side, _threads, _backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    sys.exit(serve(_side, _threads or None, _backend))
+    _side, _threads, _backend, _policy = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    sys.exit(serve(_side, _threads or None, _backend, _policy))
