@@ -523,3 +523,43 @@ def test_train_threads_flag_limits_blas_during_the_run(monkeypatch: pytest.Monke
     assert seen == [{1}]
     assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == before
     assert_one_line_error(cli_main(capsys, "train", "--threads", "0"), "--threads")
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (read from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the child processes")
+def test_ctrl_c_ends_the_workers_and_the_load() -> None:
+    import signal
+
+    from minitorch_peft.bench.load import alive
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "bench", "--models", "small", "--load", "1",
+                             "--rounds", "50", "--step-iters", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the header is printed once the workers run and the load has started
+        if "UNDER LOAD" in line:
+            break
+    children = _children(proc.pid)
+    assert len(children) >= 2  # the ours worker and the load process (and what they started)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert alive(children, wait=10) == []

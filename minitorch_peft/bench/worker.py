@@ -200,6 +200,9 @@ class TorchSide(Side):
 
 def serve(side: str, threads: int | None, backend: str, size_policy: bool = True) -> int:
     """The worker's main loop: read a request, run it, answer; until "exit" or the end of stdin."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it then ends the workers
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the work prints lands on stderr, never on the protocol stream
     sys.stdout = sys.stderr
@@ -219,7 +222,10 @@ def serve(side: str, threads: int | None, backend: str, size_policy: bool = True
             reply = {"ok": result}
         except BaseException as e:  # noqa: BLE001 - a KeyboardInterrupt too: the parent gets to know
             reply = _error(e)
-        proto.write(json.dumps(reply, default=_jsonable) + "\n")
+        try:
+            proto.write(json.dumps(reply, default=_jsonable) + "\n")
+        except BrokenPipeError:  # the parent has gone: nobody to answer
+            return 0
     return 0
 
 
@@ -253,7 +259,11 @@ class Worker:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
-        self._read()  # "ready", or the error that kept the worker from starting
+        try:
+            self._read()  # "ready", or the error that kept the worker from starting
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def pid(self) -> int:
