@@ -203,6 +203,7 @@ def serve(side: str, threads: int | None, backend: str, size_policy: bool = True
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it then ends the workers
+    _end_with_parent()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the work prints lands on stderr, never on the protocol stream
     sys.stdout = sys.stderr
@@ -227,6 +228,23 @@ def serve(side: str, threads: int | None, backend: str, size_policy: bool = True
         except BrokenPipeError:  # the parent has gone: nobody to answer
             return 0
     return 0
+
+
+def _end_with_parent() -> None:
+    """On Linux, have the kernel end this worker if the parent dies, even in the middle of a long request
+    (elsewhere the worker ends when it next reads its closed stdin)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request above took effect
+        os._exit(0)
 
 
 def _error(e: BaseException) -> dict[str, Any]:
