@@ -21,6 +21,9 @@ from typing import Any, Iterator
 # rank-r adapter products and the 10-way head (at most ~2.1M for the medium model at batch 64) sit below
 # this, the 784 x 512 layers and larger above it.
 SMALL_GEMM = 1 << 22
+# The budget of a large product when nobody sets one: None is what the BLAS library starts with (every CPU,
+# or $OPENBLAS_NUM_THREADS). `python -m minitorch_peft.bench.thread_table` measures the alternatives.
+DEFAULT_THREADS: int | None = None
 
 
 class _Policy:
@@ -41,7 +44,7 @@ class _Policy:
 
                 self.libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
             if self.budget is None:
-                self.budget = max((int(c.num_threads) for c in self.libs), default=None)
+                self.budget = DEFAULT_THREADS or max((int(c.num_threads) for c in self.libs), default=None)
             self.current = self.budget
         return self.libs
 
