@@ -344,3 +344,7 @@ def dequantize_4bit(
     from . import quant
 
     return quant.dequantize_4bit(packed, state, out, validate, serial)
+
+
+# The gradient all-reduce for data-parallel training (minitorch_peft.distributed).
+from .collective import ALLREDUCE_TRANSPORTS, make_allreduce  # noqa: E402,F401

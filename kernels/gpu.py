@@ -357,3 +357,7 @@ def dequantize_4bit(
     from . import quant_cuda
 
     return quant_cuda.dequantize_4bit(packed, state, out, validate)
+
+
+# The gradient all-reduce for data-parallel training (minitorch_peft.distributed).
+from .gpu_collective import ALLREDUCE_TRANSPORTS, make_allreduce  # noqa: E402,F401

@@ -512,7 +512,7 @@ def test_train_threads_flag_limits_blas_during_the_run(monkeypatch: pytest.Monke
 
     seen: list[set[int]] = []
 
-    def fake_train(cfg, log=print):
+    def fake_train(cfg, log=print, **kw):
         seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
         return {}
 
