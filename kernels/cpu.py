@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit
 
 from . import dora_grad as _dora_grad
+from .threads import for_gemm as _threads_for
 
 xp = np
 
@@ -21,6 +22,7 @@ xp = np
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     """y = x @ w.T + b, for x of shape (..., in) and w of shape (out, in)."""
+    _threads_for(x.size // x.shape[-1], w.shape[0], w.shape[1])  # one BLAS thread if the product is small
     y = x @ w.T
     if b is not None:
         y += b  # in place: y is ours, and this saves a (batch, out) temporary
@@ -40,9 +42,14 @@ def linear_backward(
     Skipping dw is what makes a frozen base layer cheap; skipping dx is what makes the first layer
     of a network cheap (its input is data).
     """
+    rows = g.size // g.shape[-1]
+    if need_x:
+        _threads_for(rows, w.shape[1], w.shape[0])
     gx = g @ w if need_x else None
     if need_w or need_b:
         g2 = g.reshape(-1, g.shape[-1])
+        if need_w:
+            _threads_for(w.shape[0], w.shape[1], rows)
         gw = g2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
         gb = g2.sum(axis=0) if need_b else None
     else:
@@ -63,6 +70,7 @@ def lora_forward(
     formed, and the scaling is folded into the thin (batch x r) matrix where it is cheapest.
     """
     y = linear_forward(x, w, b)
+    _threads_for(x.size // x.shape[-1], a.shape[0], a.shape[1])
     u = (x if xd is None else xd) @ a.T
     u *= scaling
     y += u @ bm.T
@@ -79,6 +87,7 @@ def lora_backward(
     """
     need_x, need_w, need_b, need_a, need_bm = need
     g2 = g.reshape(-1, g.shape[-1])
+    _threads_for(g2.shape[0], a.shape[0], a.shape[1])  # the rank-r products below
     gbm = g2.T @ u.reshape(-1, u.shape[-1]) if need_bm else None
     gu = None
     if need_a or need_x:
@@ -90,6 +99,7 @@ def lora_backward(
         lora_part = gu @ a
         if mask is not None:
             lora_part *= mask
+        _threads_for(g.size // g.shape[-1], w.shape[1], w.shape[0])
         gx = g @ w
         gx += lora_part
     _, gw, gb = linear_backward(g, x, w, False, need_w, need_b)
@@ -138,7 +148,9 @@ def dora_forward(
     Returns y and what the backward needs: z = x W^T + s (xd A^T) B^T, u = s xd A^T, n and W A^T.
     x W^T is the one big matmul, shared with the base layer's own output.
     """
+    _threads_for(x.size // x.shape[-1], w.shape[0], w.shape[1])
     z = x @ w.T
+    _threads_for(x.size // x.shape[-1], a.shape[0], a.shape[1])
     u = (x if xd is None else xd) @ a.T
     u *= scaling
     z += u @ bm.T

@@ -147,6 +147,9 @@ def test_bad_flags_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("bench", "--epoch", "--data-dir", str(tmp_path)), "not found")  # before any timing
     assert_one_line_error(run_cli("bench", "--compare", "jax"), "--compare")
     assert_one_line_error(run_cli("bench", "--rounds", "0"), "--rounds")
+    assert_one_line_error(run_cli("bench", "--threads", "0"), "--threads")
+    assert_one_line_error(run_cli("bench", "--load", "-1"), "--load")
+    assert_one_line_error(run_cli("bench", "--baseline", str(tmp_path / "none.json")), "none.json")
 
 
 @pytest.mark.skipif(have("matplotlib"), reason="matplotlib is installed")
@@ -286,3 +289,281 @@ def test_peak_step_bytes_counts_numpy_allocations() -> None:
     be = get_backend("numpy")
     n = variants.peak_step_bytes(lambda: np.ones(1 << 20, dtype=np.float32).sum(), be)
     assert 4 << 20 <= n < 5 << 20
+
+
+# ------------------------------------------------------------------------------------ worker processes
+
+
+def test_worker_protocol(tmp_path: Path) -> None:
+    from minitorch_peft.bench.worker import Worker, WorkerCrash
+
+    with Worker("ours") as w:
+        hello = w.call("hello")
+        assert hello["side"] == "ours" and hello["pid"] == w.pid != os.getpid() and not hello["torch_imported"]
+        res = w.call("model", name="small", batch_size=8, seed=0, spec_dir=str(tmp_path))
+        assert res["params"]["full"] == 535_818 and res["dims"] == SMALL
+        assert {"fwd:full", "fwd:lora_unmerged", "step:full", "step:lora", "hand:full", "hand:lora"} <= set(res["cases"])
+        w.call("warmup", case="step:lora", n=1)
+        ms = w.call("run", case="step:lora", n=2)
+        assert isinstance(ms, float) and ms > 0
+        # the weights and the batch for the PyTorch worker, as files
+        assert {"batch.npz", "full.npz", "lora.npz"} <= {p.name for p in tmp_path.iterdir()}
+        with pytest.raises(WorkerCrash, match="KeyError"):
+            w.call("run", case="no-such-case", n=1)
+        with pytest.raises(WorkerCrash, match="op_nope"):
+            w.call("nope")
+        assert w.call("hello")["pid"] == w.pid  # a failed request leaves the worker serving
+    assert w.proc.returncode == 0  # "exit" ends it cleanly
+
+
+def test_worker_reports_project_errors_as_one_line(tmp_path: Path) -> None:
+    from minitorch_peft.bench.worker import Worker, WorkerError
+
+    with Worker("ours") as w, pytest.raises(WorkerError, match="not found"):
+        w.call("epoch", method="lora", batch_size=64, data_dir=str(tmp_path))
+
+
+def _blas_threads(hello: dict) -> set[int]:
+    return {p["num_threads"] for p in hello["threadpools"] if p["user_api"] == "blas"}
+
+
+def test_threads_are_applied_inside_the_worker() -> None:
+    from minitorch_peft.bench.worker import Worker
+
+    with Worker("ours", threads=1) as w:
+        hello = w.call("hello")
+    assert _blas_threads(hello) == {1} and hello["blas_policy"]["threads"] == 1
+
+
+@pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
+def test_torch_worker_threads_and_models(tmp_path: Path) -> None:
+    from minitorch_peft.bench.worker import Worker
+
+    with Worker("ours") as ours:
+        kinds = ours.call("model", name="small", batch_size=8, seed=0, spec_dir=str(tmp_path))["torch_kinds"]
+    with Worker("torch", threads=1) as w:
+        hello = w.call("hello")
+        assert hello["threads"] == 1 and {p["num_threads"] for p in hello["threadpools"]} == {1}
+        cases = w.call("model", spec_dir=str(tmp_path), kinds=kinds)
+        assert {"fwd:full", "fwd:lora_unmerged", "fwd:lora_merged", "step:full", "step:lora"} <= set(cases)
+        assert w.call("run", case="step:full", n=2) > 0
+
+
+def test_the_parent_never_imports_torch(tmp_path: Path) -> None:
+    """The coordinating process stays free of PyTorch's thread pool, with or without --compare torch."""
+    compare = "['torch']" if have("torch") else "[]"
+    code = (
+        "import sys\n"
+        "from minitorch_peft.bench import BenchConfig, run\n"
+        f"res = run(BenchConfig(models=['small'], quick=True, compare={compare}, forward_iters=2, step_iters=2,"
+        " rounds=1), log=lambda _l: None)\n"
+        "assert 'torch' not in sys.modules, 'the parent imported torch'\n"
+        "w = res['workers']\n"
+        "assert w['ours']['pid'] != w.get('torch', {}).get('pid')\n"
+        "print('ok', sorted(w))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout and ("'torch'" in proc.stdout) == have("torch")
+
+
+def test_quick_json_records_the_workers_and_the_policy(quick: tuple[dict, str]) -> None:
+    res = quick[0]
+    assert res["version"] == 2 and res["config"]["load"] == 0 and res["environment"]["load"] is None
+    ours = res["workers"]["ours"]
+    assert not ours["torch_imported"] and ours["blas_policy"]["threads"] == res["environment"]["threads"]
+    if have("torch"):
+        assert res["workers"]["torch"]["pid"] != ours["pid"] and res["workers"]["torch"]["torch_imported"]
+    spread = res["models"]["small"]["worst_round_over_median"]
+    assert set(spread["train_step"]) == set(res["models"]["small"]["train_step_ms"])
+    assert all(v >= 1.0 for v in spread["train_step"].values())
+
+
+# ------------------------------------------------------------------------------------ --load
+
+
+def test_busy_load_is_stopped_however_the_block_ends() -> None:
+    from minitorch_peft.bench.load import BusyLoad, alive
+
+    with BusyLoad(2) as load:
+        pids = load.pids
+        assert len(pids) == 2 and alive(pids, wait=0) == pids
+        assert len({os.getpgid(p) for p in pids}) == 1  # one process group of their own
+    assert alive(pids) == []
+    with pytest.raises(RuntimeError), BusyLoad(1) as load:
+        pids = load.pids
+        raise RuntimeError("boom")
+    assert alive(pids) == []
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_busy_load_does_not_survive_its_parent(how: str) -> None:
+    """Ctrl-C and SIGTERM unwind and stop the load; after SIGKILL each load process notices and exits."""
+    import signal
+
+    from minitorch_peft.bench.load import alive
+
+    code = ("import sys, time\nfrom minitorch_peft.bench.load import BusyLoad\n"
+            "with BusyLoad(2) as load:\n    print(*load.pids, flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and alive(pids, wait=0) == pids
+    proc.send_signal(getattr(signal, how))
+    proc.wait(timeout=30)
+    assert alive(pids, wait=10) == []
+
+
+def test_bench_under_load_says_so_and_cleans_up(tmp_path: Path) -> None:
+    from minitorch_peft.bench.load import alive
+
+    out = tmp_path / "b.json"
+    proc = run_cli("bench", "--quick", "--models", "small", "--load", "1", "--forward-iters", "2", "--step-iters", "2",
+                   "--rounds", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    load = res["environment"]["load"]
+    assert load["processes"] == 1 and len(load["pids"]) == 1 and res["config"]["load"] == 1
+    assert "UNDER LOAD: 1 competing" in proc.stdout and "under a load of 1" in proc.stdout
+    assert alive(load["pids"], wait=5) == []
+    assert any(t["what"].startswith("slowest round / median, ours train step") for t in res["targets"])
+
+
+# ------------------------------------------------------------------------------------ --check
+
+
+def _fake_results(value: float) -> dict:
+    s = {"median": 1.0, "min": 1.0, "max": 1.0}
+    m = {"ratios": {"forward_vs_full": {"lora_unmerged": value, "lora_merged": value},
+                    "train_step_vs_lora": {"dora": value, "qlora": value}},
+         "engine_overhead": {"full_step_engine_over_hand": value}, "forward_ms": {"full": s}, "train_step_ms": {"full": s}}
+    return {"format": "minitorch_peft-bench", "config": {"load": 0}, "environment": {}, "models": {"small": m}}
+
+
+@pytest.mark.parametrize("limit, code", [(0.5, 1), (2.0, 0)])
+def test_check_exits_non_zero_when_a_target_is_missed(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                      limit: float, code: int) -> None:
+    import minitorch_peft.bench as bench_pkg
+    from minitorch_peft.bench import report
+
+    from conftest import cli_main
+
+    monkeypatch.setattr(report, "TARGETS", tuple((what, limit) for what, _ in report.TARGETS))  # a stubbed table
+
+    def fake_run(cfg, log=print):
+        res = _fake_results(1.0)
+        res["targets"] = report.targets(res)
+        return res
+
+    monkeypatch.setattr(bench_pkg, "run", fake_run)
+    rc, out, err = cli_main(capsys, "bench", "--check")
+    assert rc == code
+    assert ("target(s) missed" in err) == (code == 1) and ("every measured target met" in out) == (code == 0)
+    rc, out, err = cli_main(capsys, "bench")  # without --check it stays a report
+    assert rc == 0
+
+
+def test_baseline_holds_ratios_under_load_against_the_quiet_run() -> None:
+    from minitorch_peft.bench import report
+
+    def with_torch(r: float) -> dict:
+        res = _fake_results(1.0)
+        res["compare"] = {"torch": {"models": {"small": {"ratio": {"train_step_ms": {"lora": r, "full": r}}}}}}
+        return res
+
+    loaded = with_torch(0.65)
+    loaded["config"]["load"] = 1
+    loaded["models"]["small"]["worst_round_over_median"] = {"train_step": {"lora": 4.0}}
+    ts = {t["what"]: t for t in report.targets(loaded, baseline=with_torch(0.5))}
+    drift = ts["LoRA step / PyTorch LoRA step: under load / quiet (0.500)"]
+    assert drift["value"] == 1.3 and drift["met"] is False  # 0.65 / 0.5 > 1.25
+    assert ts["slowest round / median, ours train step lora"]["met"] is False  # 4x > 3x
+
+
+# ------------------------------------------------------------------------------------ thread control
+
+
+def test_small_matmuls_run_on_one_thread() -> None:
+    from threadpoolctl import threadpool_info
+
+    from minitorch_peft.kernels import threads
+
+    def blas() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    with threads.limit(2):
+        threads.for_gemm(64, 10, 256)
+        assert blas() == {1}
+        threads.for_gemm(64, 512, 784)
+        assert blas() == {2}
+        threads.set_threads(2, size_policy=False)
+        threads.for_gemm(64, 10, 256)
+        assert blas() == {2}  # without the size policy every product gets the budget
+    assert threads.policy()["small_gemm"] == threads.SMALL_GEMM  # restored
+
+
+def test_train_threads_flag_limits_blas_during_the_run(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from threadpoolctl import threadpool_info
+
+    import minitorch_peft.train as train_mod
+
+    from conftest import cli_main
+
+    seen: list[set[int]] = []
+
+    def fake_train(cfg, log=print, **kw):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return {}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    before = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    rc, _, err = cli_main(capsys, "train", "--threads", "1")
+    assert rc == 0, err
+    assert seen == [{1}]
+    assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == before
+    assert_one_line_error(cli_main(capsys, "train", "--threads", "0"), "--threads")
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (read from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the child processes")
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_ctrl_c_or_kill_ends_the_workers_and_the_load(how: str) -> None:
+    """Ctrl-C unwinds (exit status 130); after SIGKILL the kernel ends the workers and the load processes
+    notice their parent is gone."""
+    import signal
+
+    from minitorch_peft.bench.load import alive
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "bench", "--models", "small", "--load", "1",
+                             "--rounds", "50", "--step-iters", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the header is printed once the workers run and the load has started
+        if "UNDER LOAD" in line:
+            break
+    children = _children(proc.pid)
+    assert len(children) >= 2  # the ours worker and the load process (and what they started)
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=60)
+    if how == "SIGINT":
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert alive(children, wait=10) == []

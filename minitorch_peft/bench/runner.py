@@ -1,11 +1,18 @@
 """Run the benchmark: build every variant, measure it, print each section as it finishes, return the results.
 
+Each runtime is measured in a worker process of its own (``worker``): ours in one, PyTorch's in another,
+alternating block by block in the same rounds; this process only coordinates and never imports PyTorch.
+With ``load`` K, K competing CPU-bound processes (``load.BusyLoad``) run for the whole benchmark.
+
 The result is a plain JSON-able dict (``report`` renders it, ``--json`` writes it). Every figure in it is
 measured on live arrays or timed; nothing is estimated from a formula.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,11 +21,12 @@ import numpy as np
 from ..backend import get_backend
 from ..errors import ConfigError
 from . import numpy_ref, report, variants
-from .env import blas_threads, environment, load_average
-from .timing import Stats, interleaved, ratio
+from .env import environment, load_average
+from .timing import Stats, interleaved_blocks, ratio
 
 FORWARD_VARIANTS = ("full", "lora_unmerged", "lora_merged", "dora", "qlora")
 STEP_VARIANTS = ("full", "lora", "dora", "qlora")
+TORCH_KINDS = ("full", "lora", "lora_merged", "dora")
 QUANT_SHAPES = ((4096, 4096), (2048, 784))
 
 Log = Callable[[str], None]
@@ -39,6 +47,9 @@ class BenchConfig:
     forward_iters: int | None = None
     step_iters: int | None = None
     rounds: int | None = None
+    threads: int | None = None
+    load: int = 0
+    baseline: dict[str, Any] | None = None  # a quiet run's results: under --load, ratios are held against it
 
     def validate(self) -> None:
         unknown = [m for m in self.models if m not in variants.MODELS]
@@ -47,10 +58,12 @@ class BenchConfig:
         bad = [c for c in self.compare if c != "torch"]
         if bad:
             raise ConfigError(f"--compare knows only 'torch', got {', '.join(bad)}")
-        for name in ("batch_size", "forward_iters", "step_iters", "rounds"):
+        for name in ("batch_size", "forward_iters", "step_iters", "rounds", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.load < 0:
+            raise ConfigError(f"--load must be >= 0, got {self.load}")
 
     # loop sizes: --quick keeps every section but runs short loops
     @property
@@ -74,83 +87,174 @@ class BenchConfig:
 
 def run(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for; print each section through ``log``; return the results."""
+    from .load import BusyLoad
+    from .worker import Worker
+
     cfg.validate()
     backend = get_backend(cfg.backend)
-    torch_device = torch_skipped = None
-    if "torch" in cfg.compare:
-        from . import torch_ref
-
-        torch_device, torch_skipped = torch_ref.torch_device(backend.name)  # a missing PyTorch fails here
+    n_train = None
     if cfg.epoch:
         from ..data import load_mnist_like
 
-        load_mnist_like("mnist", "train", cfg.data_dir)  # missing data fails here, before any work
-    threads, source = blas_threads()
+        n_train = int(len(load_mnist_like("mnist", "train", cfg.data_dir)[1]))  # missing data fails here, before any work
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="minitorch_peft_bench_"))
+        ours = stack.enter_context(Worker("ours", cfg.threads, backend.name))
+        theirs = stack.enter_context(Worker("torch", cfg.threads, backend.name)) if "torch" in cfg.compare else None
+        return _run(cfg, backend, ours, theirs, tmp, n_train, log, lambda: stack.enter_context(BusyLoad(cfg.load)))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run(cfg: BenchConfig, backend: Any, ours: Any, theirs: Any | None, tmp: str, n_train: int | None, log: Log,
+         start_load: Callable[[], Any]) -> dict[str, Any]:
+    hello = ours.call("hello")
+    threads = hello["blas_policy"]["threads"] or 1
+    source = "--threads" if cfg.threads else "threadpoolctl, in the worker"
     results: dict[str, Any] = {
         "format": "minitorch_peft-bench",
-        "version": 1,
+        "version": 2,
         "config": {
             "backend": backend.name, "models": list(cfg.models), "batch_size": cfg.batch_size, "quick": cfg.quick,
             "forward_iterations": cfg.n_forward, "step_iterations": cfg.n_step, "rounds": cfg.n_rounds,
             "warmup": cfg.warmup, "rank": variants.RANK, "alpha": variants.ALPHA, "dtype": "float32",
-            "seed": cfg.seed,
+            "seed": cfg.seed, "threads": cfg.threads, "load": cfg.load,
         },
         "environment": environment(backend, threads, source),
+        "workers": {"ours": _worker_info(hello)},
         "models": {},
     }
     compare: dict[str, Any] | None = None
-    if torch_device is not None:
-        from . import torch_ref
-
-        torch = torch_ref.import_torch()
-        compare = {"version": torch.__version__, "device": torch_device,
-                   "threads": torch_ref.set_threads(threads), "models": {}}
-        results["compare"] = {"torch": compare}
-    elif torch_skipped:
-        results["compare"] = {"torch": {"skipped": torch_skipped}}
+    if theirs is not None:
+        th = theirs.call("hello")
+        results["workers"]["torch"] = _worker_info(th)
+        if th["skipped"]:
+            results["compare"] = {"torch": {"skipped": th["skipped"]}}
+            theirs.close()
+            theirs = None
+        else:
+            tthreads = theirs.call("set_threads", n=threads)  # the same thread count on both sides
+            results["workers"]["torch"]["threads"] = tthreads
+            compare = {"version": th["version"], "device": th["device"], "threads": tthreads, "models": {}}
+            results["compare"] = {"torch": compare}
+    results["environment"]["load"] = start_load().describe()
     for line in report.header(results):
         log(line)
 
     for name in cfg.models:
-        model_res, torch_res = _bench_model(name, cfg, backend, torch_device)
+        model_res, torch_res = _bench_model(name, cfg, ours, theirs, tmp)
         results["models"][name] = model_res
         if compare is not None:
             compare["models"][name] = torch_res
         for line in report.model_section(name, results):
             log(line)
 
-    results["quant"] = _bench_quant(cfg, backend)
+    results["quant"] = _bench_quant(cfg, ours)
     for line in report.quant_section(results):
         log(line)
 
     if cfg.epoch:
         from .epoch import bench_epoch
 
-        results["epoch"] = bench_epoch(cfg, backend, torch_device)
+        results["epoch"] = bench_epoch(cfg, ours, theirs, tmp, n_train)
         for line in report.epoch_section(results):
             log(line)
 
     results["environment"]["load_average_end"] = load_average()
-    results["environment"]["numba_threading_layer"] = _numba_layer()
-    results["targets"] = report.targets(results)
+    results["environment"]["numba_threading_layer"] = ours.call("numba_layer")
+    results["targets"] = report.targets(results, cfg.baseline)
     for line in report.targets_section(results):
         log(line)
     return results
 
 
+def _worker_info(hello: dict[str, Any]) -> dict[str, Any]:
+    pools = [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads")} for p in hello["threadpools"]]
+    info = {"pid": hello["pid"], "threadpools": pools, "torch_imported": hello["torch_imported"]}
+    if "blas_policy" in hello:
+        info["blas_policy"] = hello["blas_policy"]
+    return info
+
+
 # ------------------------------------------------------------------------------------------ one model
 
 
-def _bench_model(name: str, cfg: BenchConfig, backend: Any, torch_device: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _bench_model(name: str, cfg: BenchConfig, ours: Any, theirs: Any | None, tmp: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time one model: ours in the ``ours`` worker, PyTorch's in ``theirs``, in the same interleaved rounds."""
+    from .worker import remote_block
+
+    spec_dir = os.path.join(tmp, name)
+    res = ours.call("model", name=name, batch_size=cfg.batch_size, seed=cfg.seed,
+                    spec_dir=spec_dir if theirs is not None else None)
+    cases = set(res.pop("cases"))
+    torch_cases: set[str] = set()
+    if theirs is not None:
+        torch_cases = set(theirs.call("model", spec_dir=spec_dir, kinds=res.pop("torch_kinds")))
+
+    # ---- forward: every variant (and PyTorch's) in one interleaved run
+    fwd_blocks = {k: remote_block(ours, f"fwd:{k}", cfg.warmup * 2) for k in FORWARD_VARIANTS if f"fwd:{k}" in cases}
+    fwd_blocks.update({f"torch:{k}": remote_block(theirs, f"fwd:{k}", cfg.warmup * 2)
+                       for k in FORWARD_VARIANTS if f"fwd:{k}" in torch_cases})
+    fwd = interleaved_blocks(fwd_blocks, cfg.n_forward, cfg.n_rounds)
+
+    # ---- training step: ours, the hand-written reference, PyTorch's, in one interleaved run
+    step_blocks = {k: remote_block(ours, f"step:{k}", cfg.warmup) for k in STEP_VARIANTS if f"step:{k}" in cases}
+    step_blocks.update({f"hand:{k}": remote_block(ours, f"hand:{k}", cfg.warmup) for k in ("full", "lora")})
+    step_blocks.update({f"torch:{k}": remote_block(theirs, f"step:{k}", cfg.warmup)
+                        for k in STEP_VARIANTS if f"step:{k}" in torch_cases})
+    step = interleaved_blocks(step_blocks, cfg.n_step, cfg.n_rounds)
+
+    res["forward_ms"] = {k: fwd[k].to_dict() for k in FORWARD_VARIANTS if k in fwd}
+    res["train_step_ms"] = {k: step[k].to_dict() for k in STEP_VARIANTS if k in step}
+    res["reference_step_ms"] = {f"hand_{k}": step[f"hand:{k}"].to_dict() for k in ("full", "lora")}
+    res["worst_round_over_median"] = {
+        "forward": {k: _spread(fwd[k]) for k in res["forward_ms"]},
+        "train_step": {k: _spread(step[k]) for k in res["train_step_ms"]},
+    }
+    res["ratios"] = {
+        "forward_vs_full": {k: _r(fwd.get(k), fwd["full"]) for k in res["forward_ms"]},
+        "train_step_vs_full": {k: _r(step.get(k), step["full"]) for k in res["train_step_ms"]},
+        "train_step_vs_lora": {k: _r(step.get(k), step["lora"]) for k in res["train_step_ms"]},
+    }
+    res["engine_overhead"] = {
+        "full_step_engine_over_hand": _r(step["full"], step["hand:full"]),
+        "lora_step_engine_over_hand": _r(step["lora"], step["hand:lora"]),
+    }
+    if not res.get("skipped"):
+        res.pop("skipped", None)
+    torch_res: dict[str, Any] = {}
+    if theirs is not None:
+        tf = {k: fwd[f"torch:{k}"] for k in FORWARD_VARIANTS if f"torch:{k}" in fwd}
+        ts = {k: step[f"torch:{k}"] for k in STEP_VARIANTS if f"torch:{k}" in step}
+        torch_res = {
+            "forward_ms": {k: s.to_dict() for k, s in tf.items()},
+            "train_step_ms": {k: s.to_dict() for k, s in ts.items()},
+            "ratio": {
+                "forward_ms": {k: _r(fwd[k], s) for k, s in tf.items() if k in fwd},
+                "train_step_ms": {k: _r(step[k], s) for k, s in ts.items() if k in step},
+            },
+            "skipped": {"qlora": "not compared: PyTorch has no 4-bit NF4 Linear without bitsandbytes"},
+        }
+    return res, torch_res
+
+
+def _spread(s: Stats) -> float:
+    """The slowest round over the median: how far one disturbed round strayed."""
+    return round(s.max / s.median, 3) if s.median > 0 else 0.0
+
+
+def prepare_model(name: str, batch_size: int, seed: int, backend: Any,
+                  spec_dir: str | None) -> tuple[dict[str, Any], dict[str, Callable[[], Any]], dict[str, Any]]:
+    """In the ours worker: build every variant of model ``name``, measure its parameters and memory, and
+    return (results so far, the timing cases by name, their syncs). With ``spec_dir`` the starting weights
+    of each variant PyTorch runs and the batch are written there for the PyTorch worker."""
     dims = variants.MODELS[name]
-    seed = cfg.seed
     built = {k: variants.build(k, dims, backend, seed) for k in ("full", "lora", "lora_merged", "dora", "qlora")}
     full, lora = built["full"], built["lora"]
     assert full.model is not None and lora.model is not None
-    x, y, x_host, y_host = variants.batch(dims, cfg.batch_size, backend, seed)
+    x, y, x_host, y_host = variants.batch(dims, batch_size, backend, seed)
     skipped = {k: v.note for k, v in built.items() if not v.available}
 
-    res: dict[str, Any] = {"dims": dims, "batch_size": cfg.batch_size}
+    res: dict[str, Any] = {"dims": dims, "batch_size": batch_size}
     res["params"] = variants.param_counts(full.model, lora.model)
 
     # ---- memory: one real step per trained variant, then the arrays it left behind
@@ -174,85 +278,28 @@ def _bench_model(name: str, cfg: BenchConfig, backend: Any, torch_device: str | 
         memory[f"peak_step_{k}"] = variants.peak_step_bytes(steps[k], backend) if k in steps else None
     res["memory_bytes"] = memory
     res["peak_method"] = "cupy memory pool (hook)" if backend.name == "cupy" else "tracemalloc"
+    res["skipped"] = skipped
 
-    sync = variants.sync_for(backend)
-    torch_res: dict[str, Any] = {}
-
-    # ---- forward: every variant (and PyTorch's) in one interleaved run
     source = {"full": "full", "lora_unmerged": "lora", "lora_merged": "lora_merged", "dora": "dora", "qlora": "qlora"}
-    fwd_cases: dict[str, Callable[[], Any]] = {}
+    cases: dict[str, Callable[[], Any]] = {}
     for k in FORWARD_VARIANTS:
-        v = built[source[k]]
-        if v.available:
-            fwd_cases[k] = variants.forward_call(v.model, x)
-    syncs: dict[str, Any] = {}
-    torch_models: dict[str, Any] = {}
-    if torch_device is not None:
-        from . import torch_ref
+        if built[source[k]].available:
+            cases[f"fwd:{k}"] = variants.forward_call(built[source[k]].model, x)
+    cases.update({f"step:{k}": call for k, call in steps.items()})
+    for k, m in _hand_models(full.model, lora.model, backend).items():
+        cases[f"hand:{k}"] = (lambda m=m: m.step(x.data, y.data))
+    sync = variants.sync_for(backend)
+    if spec_dir is not None:
+        from .torch_ref import model_spec, save_spec
 
-        tsync = torch_ref.sync_for(torch_device)
-        tx, ty = torch_ref.batch(x_host, y_host, torch_device)
-        for k in ("full", "lora_unmerged", "lora_merged", "dora"):
-            src = built["lora" if k == "lora_merged" else source[k]]  # merged in PyTorch from the unmerged adapters
-            if not src.available:
-                continue
-            kind = "lora_merged" if k == "lora_merged" else src.name
-            torch_models[k] = torch_ref.build_model(_fresh(src, k, dims, backend, seed), kind, torch_device)
-            fwd_cases[f"torch:{k}"] = torch_ref.forward_call(torch_models[k][0], tx)
-            syncs[f"torch:{k}"] = tsync
-    fwd = interleaved(fwd_cases, cfg.n_forward, cfg.n_rounds, cfg.warmup * 2, sync=sync, syncs=syncs,
-                      pools=_pools(fwd_cases))
-
-    # ---- training step: ours, the hand-written reference, PyTorch's, in one interleaved run
-    step_cases: dict[str, Callable[[], Any]] = dict(steps)
-    hand = _hand_models(full.model, lora.model, backend)
-    for k, m in hand.items():
-        step_cases[f"hand:{k}"] = (lambda m=m: m.step(x.data, y.data))
-    if torch_device is not None:
-        from . import torch_ref
-
-        for k in ("full", "lora", "dora"):
-            src = built[k]
-            if not src.available:
-                continue
-            tmodel, topt = torch_ref.build_model(_fresh(src, k, dims, backend, seed), k, torch_device)
-            step_cases[f"torch:{k}"] = torch_ref.step_call(tmodel, topt, tx, ty)
-            syncs[f"torch:{k}"] = tsync
-    step = interleaved(step_cases, cfg.n_step, cfg.n_rounds, cfg.warmup, sync=sync, syncs=syncs,
-                       pools=_pools(step_cases))
-
-    res["forward_ms"] = {k: fwd[k].to_dict() for k in FORWARD_VARIANTS if k in fwd}
-    res["train_step_ms"] = {k: step[k].to_dict() for k in STEP_VARIANTS if k in step}
-    res["reference_step_ms"] = {f"hand_{k}": step[f"hand:{k}"].to_dict() for k in hand}
-    res["ratios"] = {
-        "forward_vs_full": {k: _r(fwd.get(k), fwd["full"]) for k in res["forward_ms"]},
-        "train_step_vs_full": {k: _r(step.get(k), step["full"]) for k in res["train_step_ms"]},
-        "train_step_vs_lora": {k: _r(step.get(k), step["lora"]) for k in res["train_step_ms"]},
-    }
-    res["engine_overhead"] = {
-        "full_step_engine_over_hand": _r(step["full"], step["hand:full"]),
-        "lora_step_engine_over_hand": _r(step["lora"], step["hand:lora"]),
-    }
-    if skipped:
-        res["skipped"] = skipped
-    if torch_device is not None:
-        tf = {k: fwd[f"torch:{k}"] for k in FORWARD_VARIANTS if f"torch:{k}" in fwd}
-        ts = {k: step[f"torch:{k}"] for k in STEP_VARIANTS if f"torch:{k}" in step}
-        torch_res = {
-            "forward_ms": {k: s.to_dict() for k, s in tf.items()},
-            "train_step_ms": {k: s.to_dict() for k, s in ts.items()},
-            "ratio": {
-                "forward_ms": {k: _r(fwd[k], s) for k, s in tf.items() if k in fwd},
-                "train_step_ms": {k: _r(step[k], s) for k, s in ts.items() if k in step},
-            },
-            "skipped": {"qlora": "not compared: PyTorch has no 4-bit NF4 Linear without bitsandbytes"},
-        }
-    return res, torch_res
-
-
-def _pools(cases: dict[str, Any]) -> dict[str, str]:
-    """PyTorch's cases run on its own thread pool; ours and the hand-written ones on NumPy's BLAS pool."""
-    return {k: ("torch" if k.startswith("torch:") else "numpy") for k in cases}
+        os.makedirs(spec_dir, exist_ok=True)
+        np.savez(os.path.join(spec_dir, "batch.npz"), x=x_host, y=y_host)
+        kinds = [k for k in TORCH_KINDS if built["lora" if k == "lora_merged" else k].available]
+        for k in {("lora" if k == "lora_merged" else k) for k in kinds}:
+            save_spec(model_spec(_fresh(built[k], k, dims, backend, seed)), os.path.join(spec_dir, f"{k}.npz"))
+        res["torch_kinds"] = kinds
+    res["cases"] = sorted(cases)
+    return res, cases, {k: sync for k in cases}
 
 
 def _fresh(v: variants.Variant, kind: str, dims: list[int], backend: Any, seed: int) -> Any:
@@ -283,19 +330,40 @@ def _r(a: Stats | None, b: Stats | None) -> float | None:
 # ------------------------------------------------------------------------------------------ quantization
 
 
-def _bench_quant(cfg: BenchConfig, backend: Any) -> dict[str, Any]:
+def _bench_quant(cfg: BenchConfig, ours: Any) -> dict[str, Any]:
     """NF4 (block 64, double quant) throughput in GB/s of float32 input (quantize) or output (dequantize)."""
+    from .worker import remote_block
+
+    res = ours.call("quant", seed=cfg.seed)
+    if "skipped" in res:
+        return res
+    sizes = res.pop("sizes")
+    iters = 2 if cfg.quick else 10
+    blocks = {k: remote_block(ours, k, 1) for k in res.pop("cases")}
+    stats = interleaved_blocks(blocks, iters * min(cfg.n_rounds, 5), min(cfg.n_rounds, 5))
+    res.update({"quantize_gbps": {}, "dequantize_gbps": {}, "quantize_ms": {}, "dequantize_ms": {}})
+    for key, s in stats.items():
+        op, label = key.split(":")
+        gb = sizes[label] / 1e9
+        res[f"{op}_ms"][label] = s.to_dict()
+        res[f"{op}_gbps"][label] = {"median": round(gb / (s.median / 1e3), 3), "min": round(gb / (s.max / 1e3), 3),
+                                    "max": round(gb / (s.min / 1e3), 3)}
+    return res
+
+
+def prepare_quant(seed: int, backend: Any) -> tuple[dict[str, Any], dict[str, Callable[[], Any]], Any]:
+    """In the ours worker: the NF4 quantize / dequantize cases of every shape in QUANT_SHAPES."""
     quantize = getattr(backend.kernels, "quantize_4bit", None)
     dequantize = getattr(backend.kernels, "dequantize_4bit", None)
     if quantize is None or dequantize is None:
         try:
             from ..kernels.quant import dequantize_4bit, quantize_4bit
         except ImportError as e:
-            return {"skipped": f"not available: {e}"}
+            return {"skipped": f"not available: {e}"}, {}, None
         if backend.name != "numpy":
-            return {"skipped": f"not available: no 4-bit kernels for backend {backend.name}"}
+            return {"skipped": f"not available: no 4-bit kernels for backend {backend.name}"}, {}, None
         quantize, dequantize = quantize_4bit, dequantize_4bit
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     cases: dict[str, Callable[[], Any]] = {}
     sizes: dict[str, int] = {}
     for shape in QUANT_SHAPES:
@@ -306,25 +374,6 @@ def _bench_quant(cfg: BenchConfig, backend: Any) -> dict[str, Any]:
         cases[f"quantize:{label}"] = lambda w=w: quantize(w, "nf4", variants.QUANT["block_size"], True)
         cases[f"dequantize:{label}"] = lambda p=packed, s=state, o=out: dequantize(p, s, o)
         sizes[label] = int(w.nbytes)
-    iters = 2 if cfg.quick else 10
-    stats = interleaved(cases, iters * min(cfg.n_rounds, 5), min(cfg.n_rounds, 5), warmup=1,
-                        sync=variants.sync_for(backend))
-    res: dict[str, Any] = {"quant_type": "nf4", "block_size": variants.QUANT["block_size"], "double_quant": True,
-                           "quantize_gbps": {}, "dequantize_gbps": {}, "quantize_ms": {}, "dequantize_ms": {}}
-    for key, s in stats.items():
-        op, label = key.split(":")
-        gb = sizes[label] / 1e9
-        res[f"{op}_ms"][label] = s.to_dict()
-        res[f"{op}_gbps"][label] = {"median": round(gb / (s.median / 1e3), 3), "min": round(gb / (s.max / 1e3), 3),
-                                    "max": round(gb / (s.min / 1e3), 3)}
-    return res
-
-
-def _numba_layer() -> str | None:
-    """The threading layer Numba's parallel kernels (4-bit quantization) ran on, if any ran."""
-    import numba
-
-    try:
-        return f"{numba.threading_layer()} ({numba.config.NUMBA_NUM_THREADS} threads)"
-    except ValueError:  # no parallel kernel ran in this process
-        return None
+    res = {"quant_type": "nf4", "block_size": variants.QUANT["block_size"], "double_quant": True,
+           "sizes": sizes, "cases": list(cases)}
+    return res, cases, variants.sync_for(backend)

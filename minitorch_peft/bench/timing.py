@@ -38,6 +38,38 @@ class Stats:
 Case = Callable[[], object]
 
 
+@dataclass
+class Block:
+    """One case as the round loop sees it: ``run(n)`` makes n calls and returns milliseconds per call;
+    ``warmup()`` runs before the first round; ``pool`` names the thread pool (or process) it runs on.
+
+    A local case is timed here; a case in a worker process (``worker.remote_block``) is timed there, by
+    the worker's own clock, so that only the numbers cross the pipe.
+    """
+
+    run: Callable[[int], float]
+    warmup: Callable[[], None] = lambda: None
+    pool: str | None = None
+
+
+def local_block(fn: Case, warmup: int, sync: Callable[[], None] | None = None, pool: str | None = None) -> Block:
+    """A case run in this process: ``warmup`` calls first; each block timed with ``sync`` at its end."""
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if sync is not None:
+            sync()
+        return (time.perf_counter() - t0) * 1e3 / n
+
+    def warm() -> None:
+        for _ in range(warmup):
+            fn()
+        if sync is not None:
+            sync()
+    return Block(run, warm, pool)
+
+
 def interleaved(
     cases: dict[str, Case],
     iterations: int,
@@ -57,51 +89,54 @@ def interleaved(
     collection runs before the first round and a young-generation one before each round, so garbage one
     case leaves is mostly collected before the next round rather than on another case's clock.
 
-    ``pools`` names the thread pool each case runs on (default: all the same). Before a block whose pool
-    differs from the previous block's, the clock waits ``switch_pause`` seconds untimed: OpenBLAS worker
-    threads spin for about 0.1 s after their last call before they sleep, and on a 2-core machine a
-    PyTorch block started inside that window runs several times slower (measured: 150 ms vs 20 ms per
-    step on a busy machine). Without the pause the comparison would charge our pool's idle spinning to
-    PyTorch.
+    ``pools`` names the thread pool each case runs on (default: all the same); see ``interleaved_blocks``.
     """
-    if not cases:
+    syncs = syncs or {}
+    pools = pools or {}
+    blocks = {name: local_block(fn, warmup, syncs.get(name, sync), pools.get(name)) for name, fn in cases.items()}
+    return interleaved_blocks(blocks, iterations, rounds, switch_pause, collect=True)
+
+
+def interleaved_blocks(
+    blocks: dict[str, Block],
+    iterations: int,
+    rounds: int,
+    switch_pause: float = 0.2,
+    collect: bool = False,
+) -> dict[str, Stats]:
+    """Warm every block up, then time each for ``iterations`` calls in all over ``rounds`` rounds.
+
+    Each round runs one block of every case, in an order that rotates from round to round. Before a block
+    whose pool differs from the previous block's, the clock waits ``switch_pause`` seconds untimed:
+    OpenBLAS worker threads spin for about 0.1 s after their last call before they sleep, and on a 2-core
+    machine a PyTorch block started inside that window runs several times slower (measured: 150 ms vs
+    20 ms per step on a busy machine). Without the pause the comparison would charge our pool's idle
+    spinning to PyTorch. ``collect`` runs this process's garbage collector between rounds (for local
+    blocks; a worker collects before each of its blocks).
+    """
+    if not blocks:
         return {}
     if iterations < 1 or rounds < 1:
         raise ValueError(f"iterations and rounds must be >= 1, got {iterations}, {rounds}")
     rounds = min(rounds, iterations)
     per_round = max(1, iterations // rounds)
-    names = list(cases)
-    syncs = syncs or {}
-
-    def sync_of(name: str) -> Callable[[], None] | None:
-        return syncs.get(name, sync)
-
+    names = list(blocks)
     for name in names:
-        fn = cases[name]
-        for _ in range(warmup):
-            fn()
-        s = sync_of(name)
-        if s is not None:
-            s()
+        blocks[name].warmup()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    pools = pools or {}
     last_pool = None
-    gc.collect()
+    if collect:
+        gc.collect()
     for r in range(rounds):
-        gc.collect(1)  # the young generations only: a full collection costs ~0.1 s once PyTorch is loaded
+        if collect:
+            gc.collect(1)  # the young generations only: a full collection costs ~0.1 s once PyTorch is loaded
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            fn, s = cases[name], sync_of(name)
-            pool = pools.get(name)
-            if pool != last_pool and last_pool is not None and switch_pause > 0:
+            block = blocks[name]
+            if block.pool != last_pool and last_pool is not None and switch_pause > 0:
                 time.sleep(switch_pause)
-            last_pool = pool
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            if s is not None:
-                s()
-            samples[name].append((time.perf_counter() - t0) * 1e3 / per_round)
+            last_pool = block.pool
+            samples[name].append(block.run(per_round))
     return {name: Stats.of(samples[name], per_round * rounds) for name in names}
 
 

@@ -50,11 +50,48 @@ def _np(a: Any) -> np.ndarray:
     return np.array(a.get() if hasattr(a, "get") else a, dtype=np.float32, copy=True)
 
 
-def build_model(ours: Module, kind: str, device: str) -> tuple[Any, Any]:
-    """(PyTorch module, Adam or None) holding the same weights as our ``ours`` of variant ``kind``."""
+def model_spec(ours: Module) -> list[dict[str, Any]]:
+    """Our model as plain host arrays, one dict per Linear: weight, bias and, for an adapted layer, lora_A,
+    lora_B, scaling (and magnitude for DoRA). This is what crosses to the PyTorch worker process (by file)."""
+    adapters = {name: layer for name, layer in lora_layers(ours)}
+    spec = []
+    for name in ours.layer_names:
+        mine = ours.get_submodule(name)
+        w = adapters[name].base_weight() if name in adapters else mine.weight.data
+        layer: dict[str, Any] = {"weight": _np(w), "bias": _np(mine.bias.data)}
+        if name in adapters:
+            ad_layer = adapters[name]
+            ad = ad_layer.active_adapter
+            layer.update(lora_A=_np(ad_layer.lora_A[ad].data), lora_B=_np(ad_layer.lora_B[ad].data),
+                         scaling=float(ad_layer.scaling(ad)))
+            if ad in ad_layer.lora_magnitude_vector:
+                layer["magnitude"] = _np(ad_layer.lora_magnitude_vector[ad].data)
+        spec.append(layer)
+    return spec
+
+
+def save_spec(spec: list[dict[str, Any]], path: str) -> None:
+    """Write a model spec as one .npz (arrays as ``i.name``; the scalings as float arrays)."""
+    arrays = {f"{i}.{k}": np.asarray(v, dtype=np.float32) for i, layer in enumerate(spec) for k, v in layer.items()}
+    np.savez(path, **arrays)
+
+
+def load_spec(path: str) -> list[dict[str, Any]]:
+    with np.load(path, allow_pickle=False) as f:
+        n = 1 + max(int(k.split(".", 1)[0]) for k in f.files)
+        spec: list[dict[str, Any]] = [{} for _ in range(n)]
+        for key in f.files:
+            i, name = key.split(".", 1)
+            spec[int(i)][name] = float(f[key]) if name == "scaling" else np.array(f[key])
+    return spec
+
+
+def build_model(ours: Module | list[dict[str, Any]], kind: str, device: str) -> tuple[Any, Any]:
+    """(PyTorch module, Adam or None) holding the same weights as ``ours`` (our model of variant ``kind``, or
+    its ``model_spec``)."""
     torch = import_torch()
     nn = torch.nn
-    adapters = {name: layer for name, layer in lora_layers(ours)}
+    spec = ours if isinstance(ours, list) else model_spec(ours)
 
     class LoRALinear(nn.Module):
         def __init__(self, base: Any, a: np.ndarray, b: np.ndarray, scaling: float, mag: np.ndarray | None) -> None:
@@ -89,19 +126,15 @@ def build_model(ours: Module, kind: str, device: str) -> tuple[Any, Any]:
             return self.layers[-1](x)
 
     layers = []
-    for name in ours.layer_names:
-        mine = ours.get_submodule(name)
-        lin = nn.Linear(mine.in_features, mine.out_features)
+    for s in spec:
+        w = s["weight"]
+        lin = nn.Linear(w.shape[1], w.shape[0])
         with torch.no_grad():
-            w = adapters[name].base_weight() if name in adapters else mine.weight.data
-            lin.weight.copy_(torch.from_numpy(_np(w)))
-            lin.bias.copy_(torch.from_numpy(_np(mine.bias.data)))
-        if name in adapters:
-            layer = adapters[name]
-            ad = layer.active_adapter
-            mag = layer.lora_magnitude_vector[ad].data if ad in layer.lora_magnitude_vector else None
-            mod: Any = LoRALinear(lin, _np(layer.lora_A[ad].data), _np(layer.lora_B[ad].data), layer.scaling(ad),
-                                  None if mag is None else _np(mag))
+            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+            lin.bias.copy_(torch.from_numpy(np.ascontiguousarray(s["bias"], dtype=np.float32)))
+        if "lora_A" in s:
+            mod: Any = LoRALinear(lin, np.array(s["lora_A"], dtype=np.float32), np.array(s["lora_B"], dtype=np.float32),
+                                  s["scaling"], None if "magnitude" not in s else np.array(s["magnitude"], dtype=np.float32))
             if kind == "lora_merged":
                 mod = _merged(torch, nn, mod)
             layers.append(mod)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, prog_name: str = "cli.py") -> int:
 
 def _main(argv: list[str] | None, prog_name: str) -> int:
     try:
-        cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        code = cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:
         # with standalone_mode=False click turns Ctrl-C into Abort (from the KeyboardInterrupt);
         # every save is atomic, so an interrupted command has written nothing over an earlier checkpoint
@@ -56,7 +56,7 @@ def _main(argv: list[str] | None, prog_name: str) -> int:
     except MinitorchPeftError as e:
         click.echo(f"error: {e}", err=True)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0  # a command may return its exit status (bench --check)
 
 
 def run() -> None:

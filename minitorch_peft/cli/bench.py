@@ -22,13 +22,21 @@ from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, wri
 @click.option("--forward-iters", type=int, default=None, help="Forward calls per variant (default 1000; --quick 100).")
 @click.option("--step-iters", type=int, default=None, help="Training steps per variant (default 100; --quick 30).")
 @click.option("--rounds", type=int, default=None, help="Interleaved rounds (default 20; --quick 5).")
+@click.option("--threads", type=int, default=None,
+              help="BLAS / PyTorch threads on both sides (default: every CPU for a large matmul, 1 for a small one).")
+@click.option("--load", default=0, show_default=True, type=int,
+              help="Start this many competing CPU-bound processes for the whole run (a busy machine, on purpose).")
+@click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False), default=None,
+              help="A quiet run's --json: with --load, each ours/PyTorch ratio is held against its quiet value.")
+@click.option("--check", is_flag=True, default=False, help="Exit with status 1 if any measured target is missed.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write bar charts to this PNG (needs matplotlib: pip install 'minitorch_peft[plot]').")
 @JSON
 @click.option("--distributed", is_flag=True, default=False,
               help="Only the data-parallel section: bytes all-reduced per step and step time at 1 and 2 MPI ranks "
                    "(launches mpiexec; needs: pip install 'minitorch_peft[mpi]').")
-def bench(json_path: str | None, plot_path: str | None, compare: str | None, distributed: bool, **kwargs: Any) -> None:
+def bench(json_path: str | None, plot_path: str | None, compare: str | None, check: bool, baseline_path: str | None,
+          distributed: bool, **kwargs: Any) -> int:
     """LoRA / DoRA / QLoRA vs full fine-tuning: parameters, memory and speed, all measured."""
     from ..bench import BenchConfig, run
     from ..bench.report import plot
@@ -39,14 +47,22 @@ def bench(json_path: str | None, plot_path: str | None, compare: str | None, dis
         cfg = BenchConfig(**kwargs)
         cfg.validate()
         write_json(json_path, run_distributed(cfg.models, cfg.batch_size, cfg.backend, quick=cfg.quick, log=click.echo))
-        return
+        return 0
 
     if plot_path:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib, which is not installed: pip install 'minitorch_peft[plot]'") from None
-    cfg = BenchConfig(compare=split(compare), **kwargs)
+    baseline = None
+    if baseline_path:
+        from ..serialize import load_json
+
+        with user_paths():
+            baseline = load_json(baseline_path)
+        if not isinstance(baseline, dict) or baseline.get("format") != "minitorch_peft-bench":
+            raise UserError(f"--baseline {baseline_path}: not a bench --json file")
+    cfg = BenchConfig(compare=split(compare), baseline=baseline, **kwargs)
     cfg.validate()
     results = run(cfg, log=click.echo)
     write_json(json_path, results)
@@ -54,3 +70,14 @@ def bench(json_path: str | None, plot_path: str | None, compare: str | None, dis
         with user_paths():
             plot(results, plot_path)
         click.echo(f"\nPlot written to {plot_path}")
+    if check:
+        from ..bench.report import missed
+
+        bad = missed(results)
+        if bad:
+            click.echo(f"bench --check: {len(bad)} target(s) missed: "
+                       + "; ".join(f"[{t['model']}] {t['what']} {t['value']:.3f}x > {t['limit']:g}x" for t in bad),
+                       err=True)
+            return 1
+        click.echo("bench --check: every measured target met")
+    return 0

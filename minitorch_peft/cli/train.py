@@ -80,6 +80,8 @@ def ignored_flags(ctx: click.Context, method: str) -> str | None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write the loss per step and the accuracy per epoch to this PNG (needs matplotlib: "
                    "pip install 'minitorch_peft[plot]').")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="BLAS threads for a large matmul (default: every CPU; a small matmul always runs on one).")
 @JSON
 @click.option("--distributed", is_flag=True, default=False,
               help="Data parallel over MPI: launch with mpiexec -n N (implied there when N > 1); the global batch "
@@ -90,7 +92,7 @@ def ignored_flags(ctx: click.Context, method: str) -> str | None:
               type=click.Choice(["auto", "mpi", "nccl", "cuda-aware-mpi", "host"]),
               help="--distributed: how gradients are all-reduced (auto: mpi on numpy, nccl on cupy).")
 @click.option("--log-all-ranks", is_flag=True, default=False, help="--distributed: every rank logs, not only rank 0.")
-def train(json_path: str | None, plot_path: str | None, distributed: bool, dist_timeout: float, dist_transport: str,
+def train(json_path: str | None, plot_path: str | None, threads: int | None, distributed: bool, dist_timeout: float, dist_transport: str,
           log_all_ranks: bool, **kwargs: Any) -> None:
     """Fine-tune the 784-512-256-10 MLP with a PEFT method, evaluate each epoch, save the model."""
     from ..distributed import launched_rank, start_world
@@ -120,7 +122,9 @@ def train(json_path: str | None, plot_path: str | None, distributed: bool, dist_
     world = start_world(distributed, dist_timeout, dist_transport, log_all_ranks)
     if main_rank:
         click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
-    with user_paths():
+    from ..kernels.threads import limit
+
+    with user_paths(), limit(threads):
         metrics = run(cfg, log=click.echo, world=world)
     if metrics is None:  # not rank 0, under mpiexec
         return

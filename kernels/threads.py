@@ -1,0 +1,115 @@
+"""BLAS threads per matmul: a product too small to pay for a second thread runs on one.
+
+Waking a BLAS worker thread, splitting the product and joining costs tens of microseconds, and on a
+machine whose other cores are busy the split waits for the slowest thread; a (64 x 256) @ (256 x 10) product
+takes about 12 microseconds on one core. So each matmul of ``cpu.linear_forward`` / ``linear_backward``
+asks ``for_gemm(m, n, k)`` first: below ``SMALL_GEMM`` multiply-adds it runs single-threaded, above it gets
+the thread budget (``set_threads(n)``, the ``--threads`` flag; by default what the BLAS library started
+with, i.e. every CPU). The setting is changed only when it differs from the current one, through
+threadpoolctl's handle on the loaded BLAS (one C call, about 2 microseconds).
+
+This is the only module besides ``cpu`` that knows a BLAS library is there. Without threadpoolctl every
+function here does nothing and BLAS keeps its own choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+# m*n*k below which one thread is used. OpenBLAS itself splits a product from 262,144 multiply-adds; the
+# rank-r adapter products and the 10-way head (at most ~2.1M for the medium model at batch 64) sit below
+# this, the 784 x 512 layers and larger above it.
+SMALL_GEMM = 1 << 22
+# The budget of a large product when nobody sets one: None is what the BLAS library starts with (every CPU,
+# or $OPENBLAS_NUM_THREADS). `python -m minitorch_peft.bench.thread_table` measures the alternatives.
+DEFAULT_THREADS: int | None = None
+
+
+class _Policy:
+    def __init__(self) -> None:
+        self.libs: list[Any] | None = None  # threadpoolctl controllers of the loaded BLAS libraries
+        self.budget: int | None = None  # threads for a large product; None: what BLAS started with
+        self.current: int | None = None  # what the libraries are set to now (None: unknown)
+        self.size_policy = True
+
+    def controllers(self) -> list[Any]:
+        if self.libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                self.libs = []
+            else:
+                import numpy  # noqa: F401  (its BLAS must be loaded to be found)
+
+                self.libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+            if self.budget is None:
+                self.budget = DEFAULT_THREADS or max((int(c.num_threads) for c in self.libs), default=None)
+            self.current = self.budget
+        return self.libs
+
+    def set(self, n: int) -> None:
+        if n != self.current:
+            for c in self.libs or ():
+                c.set_num_threads(n)
+            self.current = n
+
+
+_policy = _Policy()
+
+
+def for_gemm(m: int, n: int, k: int) -> None:
+    """Set the BLAS thread count for an (m x k) @ (k x n) product: 1 if it is small, else the budget."""
+    p = _policy
+    if not p.size_policy or not p.controllers() or p.budget is None:
+        return
+    p.set(1 if m * n * k < SMALL_GEMM else p.budget)
+
+
+def set_threads(n: int | None, size_policy: bool = True) -> None:
+    """The thread budget of a large product (None: what BLAS started with); ``size_policy`` False gives every
+    product the budget, as BLAS alone would."""
+    p = _policy
+    libs = p.controllers()
+    if n is None:
+        n = max((int(c.num_threads) for c in libs), default=None) if p.budget is None else p.budget
+    p.budget = n
+    p.size_policy = size_policy
+    if n is not None:
+        p.current = None
+        p.set(n)
+
+
+def policy() -> dict[str, Any]:
+    """The policy in force, for reports: budget, the small-product threshold, and whether it applies."""
+    p = _policy
+    p.controllers()
+    return {"threads": p.budget, "small_gemm": SMALL_GEMM if p.size_policy else None,
+            "libraries": [c.internal_api for c in p.libs or ()]}
+
+
+@contextlib.contextmanager
+def limit(n: int | None) -> Iterator[None]:
+    """Within the block, large products get ``n`` threads (None: leave everything as it is); every other
+    thread pool threadpoolctl knows (OpenMP, Numba's) is limited to ``n`` too. Restored on exit."""
+    if n is None:
+        yield
+        return
+    p = _policy
+    p.controllers()
+    saved = (p.budget, p.size_policy)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        cm: Any = contextlib.nullcontext()
+    else:
+        cm = threadpool_limits(limits=n)
+    with cm:
+        p.current = None  # threadpool_limits changed the libraries behind our back
+        set_threads(n, saved[1])
+        try:
+            yield
+        finally:
+            p.budget, p.size_policy = saved
+            p.current = None
+    p.current = None
