@@ -8,12 +8,16 @@ keep is ``KERNEL_CONTRACT`` in ``kernels/__init__.py``.
 
 from __future__ import annotations
 
+import gc
 import math
+import tracemalloc
+from typing import Any, Callable
 
 import numpy as np
 from numba import njit
 
 xp = np
+DEVICE = "cpu"  # where this module's arrays live, in PyTorch's device names
 
 
 # --------------------------------------------------------------------------------------------- linear
@@ -128,6 +132,41 @@ def dropout_mask(shape: tuple[int, ...], p: float, dtype: np.dtype, rng: np.rand
 def to_numpy(a: np.ndarray) -> np.ndarray:
     """The array itself: already on the host."""
     return a
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+PEAK_METHOD = "tracemalloc"
+
+
+def synchronize() -> None:
+    """Wait for queued work to finish (nothing is queued on the CPU: every call has returned its result)."""
+
+
+def peak_bytes(call: Callable[[], Any]) -> int:
+    """Peak bytes allocated while ``call`` runs, above what was live before it.
+
+    NumPy reports every array buffer to tracemalloc, so this counts the activations, gradients and
+    temporaries of a step (and the Python objects of the graph).
+    """
+    gc.collect()
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    return max(0, peak - before)
+
+
+def device_info() -> dict[str, str]:
+    """What the benchmark reports about the device beyond the CPU it already describes: nothing."""
+    return {}
 
 
 # -------------------------------------------------------------------------------------- optimizers

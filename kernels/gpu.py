@@ -12,12 +12,13 @@ CuPy on disk), so importing this module costs nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import cupy
 import numpy as np
 
 xp = cupy
+DEVICE = "cuda"  # where this module's arrays live, in PyTorch's device names
 
 _kernels: dict[Any, Any] = {}  # compiled-once kernels, keyed by name (and dtypes for raw kernels)
 
@@ -215,6 +216,57 @@ def dropout_mask(shape: tuple[int, ...], p: float, dtype: Any, rng: np.random.Ge
 def to_numpy(a: Any) -> np.ndarray:
     """A host copy of a device array (NumPy arrays are returned as they are)."""
     return a.get() if isinstance(a, cupy.ndarray) else np.asarray(a)
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+PEAK_METHOD = "cupy memory pool (hook)"
+
+
+def synchronize() -> None:
+    """Wait for the GPU to finish the queued work (what makes a clock around GPU calls honest)."""
+    cupy.cuda.Device().synchronize()
+
+
+def peak_bytes(call: Callable[[], Any]) -> int:  # pragma: no cover - needs a GPU
+    """Peak bytes of the memory pool taken while ``call`` runs, above what was live before it.
+
+    Only blocks taken during the call count, as with tracemalloc on the CPU: freeing an older array (last
+    step's gradients) must not make room that this step's allocations then seem not to use.
+    """
+    from cupy.cuda import MemoryHook
+
+    class PoolPeak(MemoryHook):
+        name = "minitorch_peft_peak"
+
+        def __init__(self) -> None:
+            self.used = self.peak = 0
+            self.live: dict[int, int] = {}
+
+        def malloc_postprocess(self, **kw: Any) -> None:
+            self.live[kw["mem_ptr"]] = kw["mem_size"]
+            self.used += kw["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kw: Any) -> None:
+            self.used -= self.live.pop(kw["mem_ptr"], 0)
+
+    synchronize()
+    hook = PoolPeak()
+    with hook:
+        call()
+        synchronize()
+    return max(0, hook.peak)
+
+
+def device_info() -> dict[str, str]:  # pragma: no cover - needs a GPU
+    """The GPU's name and the CuPy version, for the benchmark's header."""
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        return {"gpu": name.decode() if isinstance(name, bytes) else str(name), "cupy": cupy.__version__}
+    except Exception as e:
+        return {"gpu": f"unknown ({e.__class__.__name__})"}
 
 
 # -------------------------------------------------------------------------------------- optimizers

@@ -203,7 +203,7 @@ class Tensor:
 
     def __repr__(self) -> str:
         grad = ", requires_grad=True" if self.requires_grad else ""
-        backend = "" if self.backend.name == "numpy" else f", backend={self.backend.name!r}"
+        backend = "" if self.backend is get_backend() else f", backend={self.backend.name!r}"
         return f"Tensor({self.numpy()!r}{grad}{backend})"
 
     # ------------------------------------------------------------------------------ operators

@@ -69,7 +69,7 @@ class TrainConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.method in QUANTIZED_METHODS:
-            from .kernels.quant import QUANT_TYPES, check_block_size
+            from .backend import QUANT_TYPES, check_block_size
 
             if self.quant not in QUANT_TYPES:
                 raise ConfigError(f"--quant {self.quant!r} is not supported; use one of: {', '.join(QUANT_TYPES)}")

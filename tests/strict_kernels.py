@@ -15,6 +15,35 @@ import array_api_strict as xp
 import numpy as np
 
 
+DEVICE = "cpu"
+PEAK_METHOD = "none (strict array-API test kernels)"
+
+
+def synchronize() -> None:
+    pass
+
+
+def peak_bytes(call: Any) -> int:
+    call()
+    return 0
+
+
+def device_info() -> dict[str, str]:
+    return {}
+
+
+def quantize_4bit(x: Any, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False) -> Any:
+    raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
+
+
+def dequantize_4bit(packed: Any, state: Any, out: Any = None, validate: bool = True, serial: bool = False) -> Any:
+    raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
+
+
+def dequantize_absmax(state: Any) -> Any:
+    raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
+
+
 def _mT(a: Any) -> Any:
     return xp.matrix_transpose(a)
 

@@ -80,7 +80,7 @@ def run(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
     if "torch" in cfg.compare:
         from . import torch_ref
 
-        torch_device, torch_skipped = torch_ref.torch_device(backend.name)  # a missing PyTorch fails here
+        torch_device, torch_skipped = torch_ref.torch_device(backend.kernels.DEVICE)  # a missing PyTorch fails here
     if cfg.epoch:
         from ..data import load_mnist_like
 
@@ -173,7 +173,7 @@ def _bench_model(name: str, cfg: BenchConfig, backend: Any, torch_device: str | 
     for k in STEP_VARIANTS:
         memory[f"peak_step_{k}"] = variants.peak_step_bytes(steps[k], backend) if k in steps else None
     res["memory_bytes"] = memory
-    res["peak_method"] = "cupy memory pool (hook)" if backend.name == "cupy" else "tracemalloc"
+    res["peak_method"] = backend.kernels.PEAK_METHOD
 
     sync = variants.sync_for(backend)
     torch_res: dict[str, Any] = {}
@@ -285,16 +285,7 @@ def _r(a: Stats | None, b: Stats | None) -> float | None:
 
 def _bench_quant(cfg: BenchConfig, backend: Any) -> dict[str, Any]:
     """NF4 (block 64, double quant) throughput in GB/s of float32 input (quantize) or output (dequantize)."""
-    quantize = getattr(backend.kernels, "quantize_4bit", None)
-    dequantize = getattr(backend.kernels, "dequantize_4bit", None)
-    if quantize is None or dequantize is None:
-        try:
-            from ..kernels.quant import dequantize_4bit, quantize_4bit
-        except ImportError as e:
-            return {"skipped": f"not available: {e}"}
-        if backend.name != "numpy":
-            return {"skipped": f"not available: no 4-bit kernels for backend {backend.name}"}
-        quantize, dequantize = quantize_4bit, dequantize_4bit
+    quantize, dequantize = backend.kernels.quantize_4bit, backend.kernels.dequantize_4bit
     rng = np.random.default_rng(cfg.seed)
     cases: dict[str, Callable[[], Any]] = {}
     sizes: dict[str, int] = {}
