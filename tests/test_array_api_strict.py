@@ -121,6 +121,35 @@ def test_lora_linear_and_adam_on_strict_arrays(strict: Backend, dropout: float) 
         np.testing.assert_allclose(results["strict"][1][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("norm_grad", [False, True])
+def test_dora_trains_the_same_on_strict_arrays(strict: Backend, norm_grad: bool) -> None:
+    """DoRA's fused op is written once over the array module: it runs on strict array-API arrays as is."""
+    from minitorch_peft.peft import LoraConfig
+
+    x = np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 5, 16)
+    curves = {}
+    for be in (get_backend("numpy"), strict):
+        manual_seed(0)
+        model = nn.MLP([12, 8, 5])
+        inject_adapters(model, LoraConfig(r=2, lora_alpha=4.0, use_dora=True, dora_norm_grad=norm_grad,
+                                          target_modules=["fc1", "fc2"]))
+        model.to(be)
+        opt = optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        xb = Tensor(be.asarray(x), backend=be)
+        losses = []
+        for _ in range(4):
+            loss = F.cross_entropy(model(xb), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(be.to_numpy(loss.data)))
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        curves[be.name] = losses
+    np.testing.assert_allclose(curves["strict"], curves["numpy"], rtol=1e-5)
+    assert curves["numpy"][-1] < curves["numpy"][0]
+
+
 def test_mlp_with_adapters_trains_the_same_on_strict_arrays(strict: Backend) -> None:
     x = np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 5, 16)
