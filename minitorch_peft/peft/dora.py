@@ -39,6 +39,9 @@ class DoRAUpdate(LoRAUpdate):
     def parameters(self, layer: "LoRALinear") -> list[Parameter]:
         return super().parameters(layer) + [layer.lora_magnitude_vector[self.name]]
 
+    def shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
+        return {**super().shapes(n_in, n_out), "lora_magnitude_vector": (n_out,)}
+
     def remove(self, layer: "LoRALinear") -> None:
         super().remove(layer)
         del layer.lora_magnitude_vector[self.name]

@@ -52,6 +52,10 @@ class LoRAUpdate:
     def parameters(self, layer: "LoRALinear") -> list[Parameter]:
         return [layer.lora_A[self.name], layer.lora_B[self.name]]
 
+    def shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each of this adapter's parameters in an (n_in -> n_out) layer, by state-dict kind."""
+        return {"lora_A": (self.config.r, n_in), "lora_B": (n_out, self.config.r)}
+
     def remove(self, layer: "LoRALinear") -> None:
         """Drop this adapter's parameters (and any merge state) from ``layer``."""
         del layer.lora_A[self.name], layer.lora_B[self.name]
