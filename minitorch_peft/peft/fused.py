@@ -62,10 +62,10 @@ def _lora_grads(
     ga = _flat(xp, gu).T @ _flat(xp, x if xd is None else xd) if need_a else None
     gx = None
     if need_x:
+        gx = w.matmul(g, keep=keep_w)  # first: a packed W's row-chunk buffer is gone before lora_part exists
         lora_part = gu @ a
         if mask is not None:
             lora_part *= mask
-        gx = w.matmul(g, keep=keep_w)
         gx += lora_part
     gw = be.kernels.linear_backward(g, x, None, False, True, False)[1] if need_w else None
     return gx, gw, ga, gbm

@@ -203,6 +203,7 @@ class PackedWeight:
                 total = part
             else:
                 total += part
+            del part  # else it stays alive beside the next chunk's product: one more (batch x in) at the peak
         return total
 
     def norm_terms(self, a: Any) -> tuple[Any, Any]:
