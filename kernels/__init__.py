@@ -20,6 +20,7 @@ class Kernels(Protocol):
     xp: ModuleType  # the array module the kernels take and return arrays of
     DEVICE: str  # where the arrays live, in PyTorch's device names: "cpu" or "cuda"
     PEAK_METHOD: str  # how peak_bytes measures, as the benchmark reports it
+    ALLREDUCE_TRANSPORTS: tuple[str, ...]  # the all-reduce transports make_allreduce offers, preferred first
 
     # ---- linear layers: the big matmuls
     def linear_forward(self, x: Any, w: Any, b: Any | None) -> Any:
@@ -79,6 +80,10 @@ class Kernels(Protocol):
 
     def dequantize_absmax(self, state: Any) -> Any:
         """The per-block absmax of a QuantState as float32."""
+
+    # ---- data-parallel training (minitorch_peft.distributed)
+    def make_allreduce(self, transport: str, comm: Any, buffer: Any) -> Any:
+        """The gradient all-reduce over ``buffer`` through ``transport`` (one of ALLREDUCE_TRANSPORTS)."""
 
     # ---- measuring (the benchmark)
     def synchronize(self) -> None:

@@ -284,3 +284,7 @@ def dequantize_absmax(state):
     from . import quant
 
     return quant.dequantize_absmax(state)
+
+
+# The gradient all-reduce for data-parallel training (minitorch_peft.distributed).
+from .collective import ALLREDUCE_TRANSPORTS, make_allreduce  # noqa: E402,F401

@@ -343,3 +343,7 @@ def dequantize_absmax(state: Any) -> Any:
     from . import quant_cuda
 
     return quant_cuda.dequantize_absmax(state)
+
+
+# The gradient all-reduce for data-parallel training (minitorch_peft.distributed).
+from .gpu_collective import ALLREDUCE_TRANSPORTS, make_allreduce  # noqa: E402,F401

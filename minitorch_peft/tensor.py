@@ -144,6 +144,13 @@ class Tensor:
     def zero_grad(self) -> None:
         self.grad = None
 
+    def graph(self, names: Any = None) -> str:
+        """A text tree of the graph behind this tensor (ops, shapes, saved bytes, trainable / frozen leaves).
+        ``names``: a Module or {name: tensor} to label the leaves. See ``minitorch_peft.graph``."""
+        from .graph import format_graph
+
+        return format_graph(self, names)
+
     @property
     def is_leaf(self) -> bool:
         return self._ctx is None

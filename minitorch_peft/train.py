@@ -6,6 +6,7 @@ parameter groups; everything else (data, loop, evaluation, metrics) is shared by
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from .backend import Backend, get_backend
 from .checkpoint import load_model, save_model
 from .errors import ConfigError
 from .data import iterate_batches, load_mnist_like, num_batches
+from .distributed import Solo, World, agreement_record
 from .nn.layers import MLP
 from .optim import Adam
 from .peft.config import AdapterError, LoraConfig
@@ -309,49 +311,67 @@ def tensor_batches(data: Data, backend: Backend, batch_size: int, seed: int, epo
 
 
 def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Backend,
-        log: Callable[[str], None] = print) -> tuple[list[float], float]:
+        log: Callable[[str], None] = print, world: Solo | World = Solo()) -> tuple[list[float], float]:
     """``cfg.epochs`` epochs of ``train_epoch``, each followed by a test-set evaluation.
 
-    Returns the per-epoch test accuracies and the seconds spent training (evaluation excluded).
+    Returns the per-epoch test accuracies and the seconds spent training (evaluation excluded). With a
+    ``World`` of N ranks, each step takes a global batch of N x ``cfg.batch_size`` and this rank trains on its
+    shard of it; only rank 0 evaluates.
     """
     accuracies: list[float] = []
-    steps = num_batches(data.n_train, cfg.batch_size)
+    global_batch = cfg.batch_size * world.size
+    steps = num_batches(data.n_train, global_batch)
     model.train()
     train_time = 0.0
     for epoch in range(cfg.epochs):
-        bar = Progress(f"Epoch {epoch + 1}/{cfg.epochs}", steps)
+        bar = Progress(f"Epoch {epoch + 1}/{cfg.epochs}", steps, stream=None if world.is_main else io.StringIO())
 
         def show(i: int, loss_sum: Any) -> None:
             if bar.tty and (i % 50 == 0 or i == steps - 1):
-                bar.update(i + 1, min((i + 1) * cfg.batch_size, data.n_train), float(loss_sum) / (i + 1))
+                bar.update(i + 1, min((i + 1) * global_batch, data.n_train), float(loss_sum) / (i + 1))
 
         epoch_start = time.perf_counter()
-        loss_sum = train_epoch(model, optimizer, tensor_batches(data, backend, cfg.batch_size, cfg.seed, epoch), show)
-        running = float(loss_sum) / steps if loss_sum is not None else 0.0
+        batches = world.shard(tensor_batches(data, backend, global_batch, cfg.seed, epoch))
+        loss_sum = train_epoch(model, optimizer, batches, show)
+        running = world.mean(float(loss_sum) / steps if loss_sum is not None else 0.0)
         train_time += time.perf_counter() - epoch_start
         bar.update(steps, data.n_train, running, force=True)
         bar.close()
+        if not world.is_main:  # rank 0 evaluates, logs and saves
+            continue
         acc = evaluate(model, data.x_test, data.y_test)
         accuracies.append(acc)
         log(f"   Epoch {epoch + 1}: train loss {running:.4f}, test accuracy {acc:.2%}")
     return accuracies, train_time
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole job (load data, build, convert, train, evaluate, save) and return its metrics."""
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | World = Solo()) -> dict[str, Any] | None:
+    """Run the whole job (load data, build, convert, train, evaluate, save) and return its metrics.
+
+    With a ``World`` (``minitorch_peft.distributed``: data parallel over MPI) every rank runs this; rank 0
+    logs, saves and returns the metrics, the other ranks return None.
+    """
     cfg.validate()
+    log = world.quiet(log)
     backend: Backend = get_backend(cfg.backend)
     manual_seed(cfg.seed)
     data = load_data(cfg, backend, log)
     model, optimizer, counts = build_model(cfg, backend, data, log)
+    optimizer = world.prepare(optimizer, model, agreement_record(asdict(cfg), data), log)
 
-    log(f"\n🚀 Training for {cfg.epochs} epoch(s), batch {cfg.batch_size}, lr {cfg.lr:g}...")
+    batch = f"{world.size} x {cfg.batch_size} = {world.size * cfg.batch_size}" if world.size > 1 else cfg.batch_size
+    log(f"\n🚀 Training for {cfg.epochs} epoch(s), batch {batch}, lr {cfg.lr:g}...")
     t0 = time.perf_counter()
-    accuracies, train_time = fit(cfg, model, optimizer, data, backend, log)
+    accuracies, train_time = fit(cfg, model, optimizer, data, backend, log, world)
     wall = time.perf_counter() - t0
 
     output = Path(cfg.output)
-    save_model(model, output, extra={"training": {**asdict(cfg), "test_accuracy": accuracies}})
+    if not world.is_main:
+        world.finish()
+        return None
+    ranks = {"ranks": world.size} if world.size > 1 else {}
+    save_model(model, output, extra={"training": {**asdict(cfg), **ranks, "test_accuracy": accuracies}})
+    world.finish()
     return report(cfg, backend, counts, accuracies, train_time, wall, output, cfg.epochs * data.n_train, log)
 
 

@@ -17,6 +17,11 @@ import numpy as np
 
 DEVICE = "cpu"
 PEAK_METHOD = "none (strict array-API test kernels)"
+ALLREDUCE_TRANSPORTS: tuple[str, ...] = ()
+
+
+def make_allreduce(transport: str, comm: Any, buffer: Any) -> Any:
+    raise ValueError("no all-reduce over strict array-API arrays")
 
 
 def synchronize() -> None:

@@ -25,13 +25,22 @@ ATTRIBUTES = {k for k, v in CONTRACT.items() if v is None}
 
 
 def _public_functions_of_module(module: ModuleType) -> dict[str, list[str]]:
+    """Public functions defined in ``module``, and those of the contract it imports from a sibling module."""
     return {name: list(inspect.signature(fn).parameters) for name, fn in vars(module).items()
-            if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")}
+            if inspect.isfunction(fn) and not name.startswith("_")
+            and (fn.__module__ == module.__name__ or name in FUNCTIONS)}
 
 
 def _public_functions_of_source(path: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """Like _public_functions_of_module, read from the source (contract functions imported from a sibling
+    module, ``from .x import f``, are read from that module's source)."""
     tree = ast.parse(path.read_text())
     fns, names = {}, set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for a in node.names:
+                if a.name in FUNCTIONS:
+                    fns[a.asname or a.name] = _public_functions_of_source(path.parent / f"{node.module}.py")[0][a.name]
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             a = node.args
@@ -57,7 +66,7 @@ def _check(where: str, fns: dict[str, list[str]], names: set[str]) -> None:
 
 def test_contract_lists_the_kernels() -> None:
     assert {"linear_forward", "linear_backward", "row_sumsq", "rowdot", "dequantize_4bit"} <= set(FUNCTIONS)
-    assert ATTRIBUTES == {"xp", "DEVICE", "PEAK_METHOD"}
+    assert ATTRIBUTES == {"xp", "DEVICE", "PEAK_METHOD", "ALLREDUCE_TRANSPORTS"}
     # the fused adapter ops own their math: no LoRA / DoRA kernels in the contract
     assert not [n for n in CONTRACT if "lora" in n or "dora" in n]
 

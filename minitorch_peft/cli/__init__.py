@@ -12,7 +12,7 @@ import sys
 import click
 
 from ..errors import MinitorchPeftError
-from . import adapters, bench, infer, train  # noqa: F401  (each registers its commands on the group)
+from . import adapters, bench, infer, teach, train  # noqa: F401  (each registers its commands on the group)
 from .app import UserError, cli
 
 __all__ = ["UserError", "cli", "main", "run"]

@@ -25,10 +25,21 @@ from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, wri
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write bar charts to this PNG (needs matplotlib: pip install 'minitorch_peft[plot]').")
 @JSON
-def bench(json_path: str | None, plot_path: str | None, compare: str | None, **kwargs: Any) -> None:
+@click.option("--distributed", is_flag=True, default=False,
+              help="Only the data-parallel section: bytes all-reduced per step and step time at 1 and 2 MPI ranks "
+                   "(launches mpiexec; needs: pip install 'minitorch_peft[mpi]').")
+def bench(json_path: str | None, plot_path: str | None, compare: str | None, distributed: bool, **kwargs: Any) -> None:
     """LoRA / DoRA / QLoRA vs full fine-tuning: parameters, memory and speed, all measured."""
     from ..bench import BenchConfig, run
     from ..bench.report import plot
+
+    if distributed:
+        from ..bench.distributed import run_distributed
+
+        cfg = BenchConfig(**kwargs)
+        cfg.validate()
+        write_json(json_path, run_distributed(cfg.models, cfg.batch_size, cfg.backend, quick=cfg.quick, log=click.echo))
+        return
 
     if plot_path:
         try:

@@ -40,13 +40,27 @@ from .app import BACKEND, DATA_DIR, DATASET, JSON, cli, split, user_paths, write
 @click.option("--base", type=click.Path(), default=None, help="Start from a model saved by an earlier run.")
 @click.option("--limit", type=int, default=None, help="Train on the first N training samples only.")
 @JSON
-def train(json_path: str | None, **kwargs: Any) -> None:
+@click.option("--distributed", is_flag=True, default=False,
+              help="Data parallel over MPI: launch with mpiexec -n N (implied there when N > 1); the global batch "
+                   "is N x --batch-size. Needs: pip install 'minitorch_peft[mpi]'.")
+@click.option("--dist-timeout", default=60.0, show_default=True, type=float,
+              help="--distributed: seconds a rank waits for the others before every rank ends naming the one that stopped.")
+@click.option("--dist-transport", default="auto", show_default=True,
+              type=click.Choice(["auto", "mpi", "nccl", "cuda-aware-mpi", "host"]),
+              help="--distributed: how gradients are all-reduced (auto: mpi on numpy, nccl on cupy).")
+@click.option("--log-all-ranks", is_flag=True, default=False, help="--distributed: every rank logs, not only rank 0.")
+def train(json_path: str | None, distributed: bool, dist_timeout: float, dist_transport: str, log_all_ranks: bool,
+          **kwargs: Any) -> None:
     """Fine-tune the 784-512-256-10 MLP with a PEFT method, evaluate each epoch, save the model."""
+    from ..distributed import launched_rank, start_world
     from ..train import TrainConfig, train as run
 
     cfg = TrainConfig(**kwargs)
     cfg.validate()  # before the banner: a bad flag should print one line and nothing else
-    click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
+    world = start_world(distributed, dist_timeout, dist_transport, log_all_ranks)
+    if launched_rank() == 0:
+        click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
     with user_paths():
-        metrics = run(cfg, log=click.echo)
-    write_json(json_path, metrics)
+        metrics = run(cfg, log=click.echo, world=world)
+    if metrics is not None:  # rank 0 only, under mpiexec
+        write_json(json_path, metrics)
