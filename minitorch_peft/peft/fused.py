@@ -84,14 +84,14 @@ class LoRAFunction(Function):
     @staticmethod
     def forward(ctx: Context, x: Any, w: Any, a: Any, bm: Any, b: Any = None, *, scaling: float, mask: Any = None) -> Any:
         be = ctx.backend
-        w = as_weight(w, be)
-        _check_shapes("lora", x, w, a, bm, b)
+        wop = as_weight(w, be)
+        _check_shapes("lora", x, wop, a, bm, b)
         xd = None if mask is None else x * mask
-        y = w.matmul_t(x, b, keep=ctx.needs_input_grad[0])  # a packed W stays for dx = g W, within its budget
+        y = wop.matmul_t(x, b, keep=ctx.needs_input_grad[0])  # a packed W stays for dx = g W, within its budget
         u = (x if xd is None else xd) @ a.T
         u *= scaling  # folded into the thin (batch x r) matrix, where it is cheapest
         y += u @ bm.T
-        ctx.save_for_backward(x, w, a, bm, u, xd, mask)
+        ctx.save_for_backward(x, w, a, bm, u, xd, mask)  # w as given (the input array, or the operand)
         ctx.scaling = scaling
         return y
 
@@ -100,6 +100,7 @@ class LoRAFunction(Function):
         x, w, a, bm, u, xd, mask = ctx.saved
         need_x, need_w, need_a, need_bm, need_b = ctx.needs_input_grad
         be = ctx.backend
+        w = as_weight(w, be)
         gx, gw, ga, gbm = _lora_grads(be, g, x, w, a, bm, u, ctx.scaling, xd, mask, need_x, need_w, need_a, need_bm)
         gb = be.xp.sum(_flat(be.xp, g), axis=0) if need_b else None
         return gx, gw, ga, gbm, gb
@@ -146,12 +147,12 @@ class DoRAFunction(Function):
         scaling: float, mask: Any = None, norm_grad: bool = False,
     ) -> Any:
         be = ctx.backend
-        w = as_weight(w, be)
-        _check_shapes("dora", x, w, a, bm, b, mag)
+        wop = as_weight(w, be)
+        _check_shapes("dora", x, wop, a, bm, b, mag)
         need = ctx.needs_input_grad
         xd = None if mask is None else x * mask
         # x W^T (the one big matmul), W A^T and ||W_o||^2 in one pass over W
-        z, wa, sq = w.dora_terms(x, a, keep=need[0] or (norm_grad and need[2]))
+        z, wa, sq = wop.dora_terms(x, a, keep=need[0] or (norm_grad and need[2]))
         u = (x if xd is None else xd) @ a.T
         u *= scaling
         z += u @ bm.T
@@ -168,7 +169,7 @@ class DoRAFunction(Function):
         x, w, a, bm, mag, u, z, n, wa, xd, mask = ctx.saved
         need_x, need_w, need_a, need_bm, need_m, need_b = ctx.needs_input_grad
         be, s, norm_grad = ctx.backend, ctx.scaling, ctx.norm_grad
-        xp = be.xp
+        xp, w = be.xp, as_weight(w, be)
         c = mag / n
         gm = be.kernels.rowdot(_flat(xp, g), _flat(xp, z), 0) / n if (need_m or norm_grad) else None
         w_again = norm_grad and need_a  # dA through the norm needs W once more: a packed W stays until then
@@ -193,15 +194,14 @@ class BaseLinearFunction(Function):
 
     @staticmethod
     def forward(ctx: Context, x: Any, w: Any, b: Any = None) -> Any:
-        be = ctx.backend
-        w = as_weight(w, be)
-        _check_shapes("linear", x, w, b=b)
+        wop = as_weight(w, ctx.backend)
+        _check_shapes("linear", x, wop, b=b)
         ctx.save_for_backward(x, w)
-        return w.matmul_t(x, b, keep=ctx.needs_input_grad[0])
+        return wop.matmul_t(x, b, keep=ctx.needs_input_grad[0])
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple[Any, ...]:
         x, w = ctx.saved
         need_x, need_w, need_b = ctx.needs_input_grad
         _, gw, gb = ctx.backend.kernels.linear_backward(g, x, None, False, need_w, need_b)
-        return (w.matmul(g) if need_x else None), gw, gb
+        return (as_weight(w, ctx.backend).matmul(g) if need_x else None), gw, gb
