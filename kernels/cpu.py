@@ -1,20 +1,25 @@
 """CPU kernels: BLAS (through NumPy) for the matmuls, Numba for the fused element-wise loops.
 
-Every function here takes and returns plain arrays; the autograd in ``minitorch_peft`` calls them and
-never touches the arithmetic itself. ``kernels.gpu`` mirrors this module name for name.
+Every function here takes and returns plain arrays. This module holds only what differs per device: the
+gradient math of the fused LoRA / DoRA ops is written once, over the array module, in
+``minitorch_peft.peft.fused``. ``kernels.gpu`` mirrors this module name for name; the contract both
+keep is ``KERNEL_CONTRACT`` in ``kernels/__init__.py``.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import tracemalloc
+from typing import Any, Callable
 
 import numpy as np
 from numba import njit
 
-from . import dora_grad as _dora_grad
 from .threads import for_gemm as _threads_for
 
 xp = np
+DEVICE = "cpu"  # where this module's arrays live, in PyTorch's device names
 
 
 # --------------------------------------------------------------------------------------------- linear
@@ -49,7 +54,7 @@ def linear_backward(
     if need_w or need_b:
         g2 = g.reshape(-1, g.shape[-1])
         if need_w:
-            _threads_for(w.shape[0], w.shape[1], rows)
+            _threads_for(g.shape[-1], x.shape[-1], rows)
         gw = g2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
         gb = g2.sum(axis=0) if need_b else None
     else:
@@ -57,61 +62,11 @@ def linear_backward(
     return gx, gw, gb
 
 
-# ------------------------------------------------------------------------------------------- lora
-
-
-def lora_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, a: np.ndarray, bm: np.ndarray, scaling: float,
-    xd: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """y = x @ W.T + b + s * (xd @ A.T) @ B.T, with xd = dropout(x) (or x); also returns u = s * xd @ A.T.
-
-    The rank-r product ``u`` is all the backward needs besides x: the (out x in) update s*B@A is never
-    formed, and the scaling is folded into the thin (batch x r) matrix where it is cheapest.
-    """
-    y = linear_forward(x, w, b)
-    _threads_for(x.size // x.shape[-1], a.shape[0], a.shape[1])
-    u = (x if xd is None else xd) @ a.T
-    u *= scaling
-    y += u @ bm.T
-    return y, u
-
-
-def lora_backward(
-    g: np.ndarray, x: np.ndarray, w: np.ndarray, a: np.ndarray, bm: np.ndarray, u: np.ndarray, scaling: float,
-    need: tuple[bool, bool, bool, bool, bool], xd: np.ndarray | None = None, mask: np.ndarray | None = None,
-) -> tuple[np.ndarray | None, ...]:
-    """Gradients of lora_forward for (x, W, b, A, B), each only if ``need`` says so.
-
-    dB = g.T @ u;  dA = s (g @ B).T @ xd;  dx = g @ W + s (g @ B) @ A [* mask];  dW = g.T @ x;  db = sum g.
-    """
-    need_x, need_w, need_b, need_a, need_bm = need
-    g2 = g.reshape(-1, g.shape[-1])
-    _threads_for(g2.shape[0], a.shape[0], a.shape[1])  # the rank-r products below
-    gbm = g2.T @ u.reshape(-1, u.shape[-1]) if need_bm else None
-    gu = None
-    if need_a or need_x:
-        gu = g @ bm  # (batch, r)
-        gu *= scaling
-    ga = gu.reshape(-1, gu.shape[-1]).T @ (x if xd is None else xd).reshape(-1, x.shape[-1]) if need_a else None
-    gx = None
-    if need_x:
-        lora_part = gu @ a
-        if mask is not None:
-            lora_part *= mask
-        _threads_for(g.size // g.shape[-1], w.shape[1], w.shape[0])
-        gx = g @ w
-        gx += lora_part
-    _, gw, gb = linear_backward(g, x, w, False, need_w, need_b)
-    return gx, gw, gb, ga, gbm
-
-
-# ------------------------------------------------------------------------------------------- dora
+# ------------------------------------------------------------------------------------- row products
 
 
 @njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _row_sumsq(w):  # pragma: no cover - JIT
-    """||w_i||^2 per row in one pass, no (out x in) temporary (3x faster than einsum here)."""
     out = np.empty(w.shape[0], dtype=w.dtype)
     for i in range(w.shape[0]):
         s = w.dtype.type(0)
@@ -121,63 +76,14 @@ def _row_sumsq(w):  # pragma: no cover - JIT
     return out
 
 
-def dora_weight_norm(
-    w: np.ndarray, a: np.ndarray, bm: np.ndarray, scaling: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """n = ||W + s B A|| per output row, without forming the (out x in) matrix; also returns W A^T.
-
-    ||W_o + s B_o A||^2 = ||W_o||^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T: beyond one pass over
-    W, only the thin (out x r) W A^T and the (r x r) Gram matrix A A^T are needed. With B = 0 this is
-    exactly sqrt(||W_o||^2), which is how the magnitude is initialised, so a new adapter changes nothing.
-    """
-    wa = w @ a.T
-    bg = bm @ (a @ a.T)
-    sq = _row_sumsq(w)
-    sq += (2.0 * scaling) * np.einsum("ij,ij->i", bm, wa)
-    sq += (scaling * scaling) * np.einsum("ij,ij->i", bm, bg)
-    np.maximum(sq, np.finfo(sq.dtype).tiny, out=sq)  # a zero row would divide by zero below
-    return np.sqrt(sq), wa
+def row_sumsq(w: np.ndarray) -> np.ndarray:
+    """||w_i||^2 per row in one pass, no (out x in) temporary (3x faster than einsum here)."""
+    return _row_sumsq(w)
 
 
-def dora_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, a: np.ndarray, bm: np.ndarray, mag: np.ndarray,
-    scaling: float, xd: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """y = (m / n) * (x W^T + s (xd A^T) B^T) + b with n = ||W + s B A|| per output row.
-
-    Returns y and what the backward needs: z = x W^T + s (xd A^T) B^T, u = s xd A^T, n and W A^T.
-    x W^T is the one big matmul, shared with the base layer's own output.
-    """
-    _threads_for(x.size // x.shape[-1], w.shape[0], w.shape[1])
-    z = x @ w.T
-    _threads_for(x.size // x.shape[-1], a.shape[0], a.shape[1])
-    u = (x if xd is None else xd) @ a.T
-    u *= scaling
-    z += u @ bm.T
-    n, wa = dora_weight_norm(w, a, bm, scaling)
-    y = z * (mag / n)
-    if b is not None:
-        y += b
-    return y, z, u, n, wa
-
-
-def dora_backward(
-    g: np.ndarray, x: np.ndarray, w: np.ndarray, a: np.ndarray, bm: np.ndarray, mag: np.ndarray,
-    u: np.ndarray, z: np.ndarray, n: np.ndarray, wa: np.ndarray, scaling: float,
-    need: tuple[bool, bool, bool, bool, bool, bool], xd: np.ndarray | None = None,
-    mask: np.ndarray | None = None, norm_grad: bool = False,
-) -> tuple[np.ndarray | None, ...]:
-    """Gradients of dora_forward for (x, W, b, A, B, m), each only if ``need`` says so.
-
-    With c = m / n and gz = g * c:  dm = sum_batch(g * z) / n;  dB = gz^T u;  dA = s (gz B)^T xd;
-    dx = gz W + s (gz B) A [* mask];  dW = gz^T x;  db = sum g. The norm n is a constant (DoRA paper,
-    section 4.3) unless ``norm_grad``: then dL/dV = h V with V = W + s B A and h = -c dm / n, which
-    adds s h (W A^T + s B A A^T) to dB and s (hB)^T (W + s B A) to dA, still without an (out x in) product.
-    """
-    return _dora_grad.dora_backward(
-        g, x, w, a, bm, mag, u, z, n, wa, scaling, need, xd, mask, norm_grad,
-        lora_backward=lora_backward, coldot=lambda p, q: np.einsum("ij,ij->j", p, q),
-    )
+def rowdot(p: np.ndarray, q: np.ndarray, axis: int) -> np.ndarray:
+    """sum(p * q, axis) of two 2-D arrays without the (p * q) temporary."""
+    return np.einsum("ij,ij->i" if axis == 1 else "ij,ij->j", p, q)
 
 
 # --------------------------------------------------------------------------------------------- relu
@@ -234,6 +140,41 @@ def dropout_mask(shape: tuple[int, ...], p: float, dtype: np.dtype, rng: np.rand
 def to_numpy(a: np.ndarray) -> np.ndarray:
     """The array itself: already on the host."""
     return a
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+PEAK_METHOD = "tracemalloc"
+
+
+def synchronize() -> None:
+    """Wait for queued work to finish (nothing is queued on the CPU: every call has returned its result)."""
+
+
+def peak_bytes(call: Callable[[], Any]) -> int:
+    """Peak bytes allocated while ``call`` runs, above what was live before it.
+
+    NumPy reports every array buffer to tracemalloc, so this counts the activations, gradients and
+    temporaries of a step (and the Python objects of the graph).
+    """
+    gc.collect()
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    return max(0, peak - before)
+
+
+def device_info() -> dict[str, str]:
+    """What the benchmark reports about the device beyond the CPU it already describes: nothing."""
+    return {}
 
 
 # -------------------------------------------------------------------------------------- optimizers
@@ -344,6 +285,13 @@ def dequantize_4bit(
     from . import quant
 
     return quant.dequantize_4bit(packed, state, out, validate, serial)
+
+
+def dequantize_absmax(state):
+    """The per-block absmax of a QuantState as float32 (decoding the double-quantized codes if any)."""
+    from . import quant
+
+    return quant.dequantize_absmax(state)
 
 
 # The gradient all-reduce for data-parallel training (minitorch_peft.distributed).

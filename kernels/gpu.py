@@ -12,14 +12,13 @@ CuPy on disk), so importing this module costs nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import cupy
 import numpy as np
 
-from . import dora_grad as _dora_grad
-
 xp = cupy
+DEVICE = "cuda"  # where this module's arrays live, in PyTorch's device names
 
 _kernels: dict[Any, Any] = {}  # compiled-once kernels, keyed by name (and dtypes for raw kernels)
 
@@ -65,89 +64,18 @@ def linear_backward(
     return gx, gw, gb
 
 
-# ------------------------------------------------------------------------------------------- lora
+# ------------------------------------------------------------------------------------- row products
 
 
-def lora_forward(
-    x: Any, w: Any, b: Any | None, a: Any, bm: Any, scaling: float, xd: Any | None = None,
-) -> tuple[Any, Any]:
-    """y = x @ W.T + b + s * (xd @ A.T) @ B.T; also returns u = s * xd @ A.T (see kernels.cpu)."""
-    y = linear_forward(x, w, b)
-    u = (x if xd is None else xd) @ a.T
-    u *= scaling
-    y += u @ bm.T
-    return y, u
-
-
-def lora_backward(
-    g: Any, x: Any, w: Any, a: Any, bm: Any, u: Any, scaling: float,
-    need: tuple[bool, bool, bool, bool, bool], xd: Any | None = None, mask: Any | None = None,
-) -> tuple[Any | None, ...]:
-    """Gradients of lora_forward for (x, W, b, A, B), each only if ``need`` says so (see kernels.cpu)."""
-    need_x, need_w, need_b, need_a, need_bm = need
-    g2 = g.reshape(-1, g.shape[-1])
-    gbm = g2.T @ u.reshape(-1, u.shape[-1]) if need_bm else None
-    gu = None
-    if need_a or need_x:
-        gu = g @ bm
-        gu *= scaling
-    ga = gu.reshape(-1, gu.shape[-1]).T @ (x if xd is None else xd).reshape(-1, x.shape[-1]) if need_a else None
-    gx = None
-    if need_x:
-        lora_part = gu @ a
-        if mask is not None:
-            lora_part *= mask
-        gx = g @ w
-        gx += lora_part
-    _, gw, gb = linear_backward(g, x, w, False, need_w, need_b)
-    return gx, gw, gb, ga, gbm
-
-
-# ------------------------------------------------------------------------------------------- dora
-
-
-def _rowdot(p: Any, q: Any, axis: int) -> Any:
-    """sum(p * q, axis) in one reduction kernel, without the (p * q) temporary."""
+def rowdot(p: Any, q: Any, axis: int) -> Any:
+    """sum(p * q, axis) of two 2-D arrays in one reduction kernel, without the (p * q) temporary."""
     kernel = _reduction("mtp_rowdot", "T p, T q", "T out", "p * q", "a + b", "out = a")
     return kernel(p, q, axis=axis)
 
 
-def dora_weight_norm(w: Any, a: Any, bm: Any, scaling: float) -> tuple[Any, Any]:
-    """n = ||W + s B A|| per output row, without forming the (out x in) matrix; also returns W A^T."""
-    wa = w @ a.T
-    bg = bm @ (a @ a.T)
-    sq = _rowdot(w, w, 1)
-    sq += (2.0 * scaling) * _rowdot(bm, wa, 1)
-    sq += (scaling * scaling) * _rowdot(bm, bg, 1)
-    cupy.maximum(sq, np.finfo(sq.dtype).tiny, out=sq)
-    return cupy.sqrt(sq), wa
-
-
-def dora_forward(
-    x: Any, w: Any, b: Any | None, a: Any, bm: Any, mag: Any, scaling: float, xd: Any | None = None,
-) -> tuple[Any, Any, Any, Any, Any]:
-    """y = (m / n) * (x W^T + s (xd A^T) B^T) + b; also z, u, n and W A^T (see kernels.cpu)."""
-    z = x @ w.T
-    u = (x if xd is None else xd) @ a.T
-    u *= scaling
-    z += u @ bm.T
-    n, wa = dora_weight_norm(w, a, bm, scaling)
-    y = z * (mag / n)
-    if b is not None:
-        y += b
-    return y, z, u, n, wa
-
-
-def dora_backward(
-    g: Any, x: Any, w: Any, a: Any, bm: Any, mag: Any, u: Any, z: Any, n: Any, wa: Any, scaling: float,
-    need: tuple[bool, bool, bool, bool, bool, bool], xd: Any | None = None,
-    mask: Any | None = None, norm_grad: bool = False,
-) -> tuple[Any | None, ...]:
-    """Gradients of dora_forward for (x, W, b, A, B, m), each only if ``need`` says so (see kernels.cpu)."""
-    return _dora_grad.dora_backward(
-        g, x, w, a, bm, mag, u, z, n, wa, scaling, need, xd, mask, norm_grad,
-        lora_backward=lora_backward, coldot=lambda p, q: _rowdot(p, q, 0),
-    )
+def row_sumsq(w: Any) -> Any:
+    """||w_i||^2 per row, one reduction kernel."""
+    return rowdot(w, w, 1)
 
 
 # --------------------------------------------------------------------------------------------- relu
@@ -288,6 +216,57 @@ def to_numpy(a: Any) -> np.ndarray:
     return a.get() if isinstance(a, cupy.ndarray) else np.asarray(a)
 
 
+# ------------------------------------------------------------------------------------ measuring
+
+PEAK_METHOD = "cupy memory pool (hook)"
+
+
+def synchronize() -> None:
+    """Wait for the GPU to finish the queued work (what makes a clock around GPU calls honest)."""
+    cupy.cuda.Device().synchronize()
+
+
+def peak_bytes(call: Callable[[], Any]) -> int:  # pragma: no cover - needs a GPU
+    """Peak bytes of the memory pool taken while ``call`` runs, above what was live before it.
+
+    Only blocks taken during the call count, as with tracemalloc on the CPU: freeing an older array (last
+    step's gradients) must not make room that this step's allocations then seem not to use.
+    """
+    from cupy.cuda import MemoryHook
+
+    class PoolPeak(MemoryHook):
+        name = "minitorch_peft_peak"
+
+        def __init__(self) -> None:
+            self.used = self.peak = 0
+            self.live: dict[int, int] = {}
+
+        def malloc_postprocess(self, **kw: Any) -> None:
+            self.live[kw["mem_ptr"]] = kw["mem_size"]
+            self.used += kw["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kw: Any) -> None:
+            self.used -= self.live.pop(kw["mem_ptr"], 0)
+
+    synchronize()
+    hook = PoolPeak()
+    with hook:
+        call()
+        synchronize()
+    return max(0, hook.peak)
+
+
+def device_info() -> dict[str, str]:  # pragma: no cover - needs a GPU
+    """The GPU's name and the CuPy version, for the benchmark's header."""
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        return {"gpu": name.decode() if isinstance(name, bytes) else str(name), "cupy": cupy.__version__}
+    except Exception as e:
+        return {"gpu": f"unknown ({e.__class__.__name__})"}
+
+
 # -------------------------------------------------------------------------------------- optimizers
 
 
@@ -355,6 +334,13 @@ def dequantize_4bit(
     from . import quant_cuda
 
     return quant_cuda.dequantize_4bit(packed, state, out, validate)
+
+
+def dequantize_absmax(state: Any) -> Any:
+    """The per-block absmax of a QuantState as float32 on the GPU (decoding double-quantized codes if any)."""
+    from . import quant_cuda
+
+    return quant_cuda.dequantize_absmax(state)
 
 
 # The gradient all-reduce for data-parallel training (minitorch_peft.distributed).

@@ -73,6 +73,19 @@ class Backend:
         return get_backend, (self.name,)
 
 
+#: The 4-bit format's host side (kernels.quant): the same on every backend, so imported from here, never
+#: from kernels.quant, by the rest of the package; loaded on first use (it compiles Numba kernels).
+_QUANT_FORMAT = ("QUANT_TYPES", "QuantState", "check_block_size", "check_packed", "check_quant_type")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _QUANT_FORMAT:
+        from .kernels import quant
+
+        return getattr(quant, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _astype_method(a: Any, dtype: Any, copy: bool = True) -> Any:
     return a.astype(dtype, copy=copy)
 

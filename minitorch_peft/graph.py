@@ -55,7 +55,7 @@ def saved_arrays(ctx: Any) -> list[Saved]:
     """The distinct arrays ``ctx`` keeps for backward: ``ctx.saved`` in order, then arrays on other fields."""
     if ctx is None or not hasattr(ctx, "parents"):
         return []
-    by_data = {id(p.data): p for p in ctx.parents}
+    by_data = {id(p.data): p for p in ctx.parents if p is not None}
     found: list[tuple[str, Any]] = [(f"saved[{i}]", v) for i, v in enumerate(getattr(ctx, "saved", ())) if _is_array(v)]
     for key, value in vars(ctx).items():
         if key not in _CTX_FIELDS and _is_array(value):
@@ -70,8 +70,17 @@ def saved_arrays(ctx: Any) -> list[Saved]:
     return out
 
 
+def is_packed_base(t: Any) -> bool:
+    """Whether ``t`` is an op input holding QLoRA's packed 4-bit base (a PackedWeight operand) or is None
+    (an optional input not given): not a tensor of values to list or differentiate."""
+    return t is None or (hasattr(t.data, "packed") and hasattr(t.data, "state"))
+
+
 def _held_base(ctx: Any) -> Any:
-    """A frozen weight an op holds outside its inputs (QLoRA's packed 4-bit base), or None."""
+    """The frozen 4-bit weight an op multiplies by (QLoRA's packed base, an operand input), or None."""
+    for p in getattr(ctx, "parents", ()) or ():
+        if p is not None and is_packed_base(p):
+            return p.data
     for key, value in vars(ctx).items() if ctx is not None and hasattr(ctx, "parents") else ():
         if key not in _CTX_FIELDS and hasattr(value, "packed") and hasattr(value, "state"):
             return value
@@ -99,7 +108,7 @@ def graph_nodes(root: Tensor) -> list[Tensor]:
 
 
 def _parents(node: Tensor) -> tuple[Tensor, ...]:
-    return tuple(getattr(node._ctx, "parents", ()) or ())
+    return tuple(p for p in getattr(node._ctx, "parents", ()) or () if not is_packed_base(p))
 
 
 def _is_parameter(t: Tensor) -> bool:

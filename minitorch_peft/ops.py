@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .function import Context, Function
+from .function import Context, Function, broadcastable, check_broadcast, shape_error
 
 
 def unbroadcast(xp: Any, grad: Any, shape: tuple[int, ...]) -> Any:
@@ -47,6 +47,7 @@ class Add(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
+        check_broadcast("add", a, b)
         ctx.shapes = (a.shape, b.shape)
         return a + b
 
@@ -64,6 +65,7 @@ class Sub(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
+        check_broadcast("sub", a, b)
         ctx.shapes = (a.shape, b.shape)
         return a - b
 
@@ -81,6 +83,7 @@ class Mul(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
+        check_broadcast("mul", a, b)
         ctx.save_for_backward(a, b)
         return a * b
 
@@ -98,6 +101,7 @@ class Div(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
+        check_broadcast("div", a, b)
         ctx.save_for_backward(a, b)
         return a / b
 
@@ -127,6 +131,7 @@ class Pow(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
+        check_broadcast("pow", a, b)
         out = a**b
         ctx.save_for_backward(a, b, out)
         return out
@@ -202,6 +207,9 @@ class MatMul(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
+        inner_b = b.shape[-2] if b.ndim > 1 else b.shape[0] if b.ndim else None
+        if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != inner_b or not broadcastable(a.shape[:-2], b.shape[:-2]):
+            raise shape_error("matmul", a, b, want="a's last axis must match b's second-to-last")
         ctx.save_for_backward(a, b)
         return ctx.backend.xp.matmul(a, b)
 
@@ -232,6 +240,8 @@ class Linear(Function):
 
     @staticmethod
     def forward(ctx: Context, x: Any, w: Any, b: Any = None) -> Any:
+        if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1] or (b is not None and b.shape != (w.shape[0],)):
+            raise shape_error("linear", *(v for v in (x, w, b) if v is not None), want="x (..., in), W (out, in), b (out,)")
         ctx.save_for_backward(x, w)
         return ctx.backend.kernels.linear_forward(x, w, b)
 
@@ -239,7 +249,7 @@ class Linear(Function):
     def backward(ctx: Context, g: Any) -> tuple[Any, ...]:
         x, w = ctx.saved
         need = ctx.needs_input_grad
-        return ctx.backend.kernels.linear_backward(g, x, w, need[0], need[1], len(need) > 2 and need[2])
+        return ctx.backend.kernels.linear_backward(g, x, w, need[0], need[1], need[2])
 
 
 # ------------------------------------------------------------------------------- reductions
@@ -372,7 +382,7 @@ class CrossEntropy(Function):
     @staticmethod
     def forward(ctx: Context, logits: Any, labels: Any) -> Any:
         if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-            raise ValueError("cross_entropy wants logits (N, C) and integer labels (N,)")
+            raise shape_error("cross_entropy", logits, labels, want="logits (N, C) and integer labels (N,)")
         loss, probs = ctx.backend.kernels.cross_entropy_forward(logits, labels)
         ctx.save_for_backward(probs, labels)
         return ctx.backend.xp.asarray(loss, dtype=logits.dtype)

@@ -117,7 +117,7 @@ def validate_model_config(config: Any, source: str) -> None:
         raise CheckpointError(f"{source}: 'active_adapter' {active!r} is not one of the adapters ({', '.join(adapters)})")
     quant = config.get("quantization")
     if quant is not None:
-        from .kernels.quant import QUANT_TYPES
+        from .backend import QUANT_TYPES
 
         if not isinstance(quant, dict):
             raise CheckpointError(f"{source}: 'quantization' must be an object or null, got {_type_name(quant)}")

@@ -108,7 +108,7 @@ class Tensor:
                 node.grad = g if node.grad is None else node.grad + g
                 continue
             for parent, pg in zip(ctx.parents, ctx.fn.backward(ctx, g)):
-                if pg is not None and parent.requires_grad:
+                if pg is not None and parent is not None and parent.requires_grad:
                     key = id(parent)
                     grads[key] = pg if key not in grads else grads[key] + pg
             if not retain_graph:
@@ -129,7 +129,7 @@ class Tensor:
             seen.add(id(node))
             stack.append((node, True))
             if node._ctx is not None:
-                stack.extend((p, False) for p in node._ctx.parents if p.requires_grad and id(p) not in seen)
+                stack.extend((p, False) for p in node._ctx.parents if p is not None and p.requires_grad and id(p) not in seen)
         order.reverse()
         return order
 
@@ -210,7 +210,7 @@ class Tensor:
 
     def __repr__(self) -> str:
         grad = ", requires_grad=True" if self.requires_grad else ""
-        backend = "" if self.backend.name == "numpy" else f", backend={self.backend.name!r}"
+        backend = "" if self.backend is get_backend() else f", backend={self.backend.name!r}"
         return f"Tensor({self.numpy()!r}{grad}{backend})"
 
     # ------------------------------------------------------------------------------ operators

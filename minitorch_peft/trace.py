@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .function import Function
-from .graph import _held_base, leaf_kind, saved_arrays
+from .graph import _held_base, is_packed_base, leaf_kind, saved_arrays
 from .tensor import Tensor
 
 __all__ = ["StepTrace", "build_step", "trace_step", "update_doc", "DOC_PATH", "DOC_METHODS"]
@@ -81,7 +81,7 @@ class _Recorder:
 
     def on_forward(self, fn: type, inputs: tuple[Any, ...], out: Tensor) -> None:
         ctx = out._ctx
-        ins = ", ".join(self.described(t) for t in inputs)
+        ins = ", ".join(self.described(t) for t in inputs if not is_packed_base(t))
         if ctx is None:
             self.forward.append(f"  -- {fn.__name__:<18}{ins} -> {_shape(out.shape)}   not recorded (no input needs a gradient)")
             return
@@ -160,6 +160,8 @@ def trace_step(model: Any, x: Tensor, labels: Any, optimizer: Any = None,
     def report(ctx: Any, grads: tuple[Any, ...]) -> None:
         done, skip = [], []
         for parent, grad in zip(ctx.parents, grads):
+            if is_packed_base(parent):
+                continue
             label = rec.label(parent).replace(" [frozen]", "")
             if grad is not None:
                 done.append(f"d{label} {_shape(tuple(grad.shape))}")
@@ -177,7 +179,7 @@ def trace_step(model: Any, x: Tensor, labels: Any, optimizer: Any = None,
         k = rec.ctx_number.get(id(ctx), 0)
         base = _held_base(ctx)
         if base is not None:
-            skip.append("4-bit base (frozen: not an input, no gradient path)")
+            skip.append("4-bit base (frozen: a packed operand, no gradient path)")
             skipped[f"4-bit base of #{k}"] = int(np.prod(base.state.shape))
         backward.append(f"  #{k:<2} {ctx.fn.__name__:<17}computed: {', '.join(done) or 'nothing'}")
         if skip:

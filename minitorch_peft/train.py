@@ -90,7 +90,7 @@ class TrainConfig:
         if self.resume is not None and self.base is not None:
             raise ConfigError("--resume continues a saved run (its model is the start): drop --model-dir")
         if self.method in QUANTIZED_METHODS:
-            from .kernels.quant import QUANT_TYPES, check_block_size
+            from .backend import QUANT_TYPES, check_block_size
 
             if self.quant not in QUANT_TYPES:
                 raise ConfigError(f"--quant {self.quant!r} is not supported; use one of: {', '.join(QUANT_TYPES)}")

@@ -15,6 +15,40 @@ import array_api_strict as xp
 import numpy as np
 
 
+DEVICE = "cpu"
+PEAK_METHOD = "none (strict array-API test kernels)"
+ALLREDUCE_TRANSPORTS: tuple[str, ...] = ()
+
+
+def make_allreduce(transport: str, comm: Any, buffer: Any) -> Any:
+    raise ValueError("no all-reduce over strict array-API arrays")
+
+
+def synchronize() -> None:
+    pass
+
+
+def peak_bytes(call: Any) -> int:
+    call()
+    return 0
+
+
+def device_info() -> dict[str, str]:
+    return {}
+
+
+def quantize_4bit(x: Any, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False) -> Any:
+    raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
+
+
+def dequantize_4bit(packed: Any, state: Any, out: Any = None, validate: bool = True, serial: bool = False) -> Any:
+    raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
+
+
+def dequantize_absmax(state: Any) -> Any:
+    raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
+
+
 def _mT(a: Any) -> Any:
     return xp.matrix_transpose(a)
 
@@ -35,25 +69,12 @@ def linear_backward(g: Any, x: Any, w: Any, need_x: bool, need_w: bool, need_b: 
     return gx, gw, gb
 
 
-def lora_forward(x: Any, w: Any, b: Any | None, a: Any, bm: Any, scaling: float, xd: Any | None = None) -> tuple[Any, Any]:
-    u = xp.matmul(x if xd is None else xd, _mT(a)) * scaling
-    return linear_forward(x, w, b) + xp.matmul(u, _mT(bm)), u
+def row_sumsq(w: Any) -> Any:
+    return xp.sum(w * w, axis=1)
 
 
-def lora_backward(
-    g: Any, x: Any, w: Any, a: Any, bm: Any, u: Any, scaling: float,
-    need: tuple[bool, bool, bool, bool, bool], xd: Any | None = None, mask: Any | None = None,
-) -> tuple[Any, ...]:
-    need_x, need_w, need_b, need_a, need_bm = need
-    gbm = xp.matmul(_mT(_flat(g)), _flat(u)) if need_bm else None
-    gu = xp.matmul(g, bm) * scaling
-    ga = xp.matmul(_mT(_flat(gu)), _flat(x if xd is None else xd)) if need_a else None
-    gx = None
-    if need_x:
-        lora_part = xp.matmul(gu, a)
-        gx = xp.matmul(g, w) + (lora_part if mask is None else lora_part * mask)
-    _, gw, gb = linear_backward(g, x, w, False, need_w, need_b)
-    return gx, gw, gb, ga, gbm
+def rowdot(p: Any, q: Any, axis: int) -> Any:
+    return xp.sum(p * q, axis=axis)
 
 
 def relu_forward(x: Any) -> Any:

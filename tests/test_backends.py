@@ -114,18 +114,39 @@ def test_linear_kernels(backend: Backend, bias: bool) -> None:
         assert_all_close(backend, got, cpu.linear_backward(g, x, w, *need))
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_lora_kernels(backend: Backend, dropout: bool) -> None:
-    x, w, b, a, bm, g = f32(7, 6), f32(4, 6, seed=1), f32(4, seed=2), f32(2, 6, seed=3), f32(4, 2, seed=4), f32(7, 4, seed=5)
-    mask = (np.random.default_rng(6).random((7, 6)) > 0.3).astype(np.float32) / np.float32(0.7) if dropout else None
-    xd = x * mask if dropout else None
+def test_row_kernels(backend: Backend) -> None:
+    """row_sumsq and rowdot (the row products DoRA's norm and dm need) agree with NumPy's definitions."""
+    p, q = f32(7, 5), f32(7, 5, seed=1)
     k = backend.kernels
-    y, u = k.lora_forward(*dev(backend, x, w, b, a, bm), 0.5, *dev(backend, xd))
-    y_ref, u_ref = cpu.lora_forward(x, w, b, a, bm, 0.5, xd)
-    assert_all_close(backend, [y, u], [y_ref, u_ref])
-    for need in [(True, False, False, True, True), (False, True, True, True, True), (True, True, True, False, False)]:
-        got = k.lora_backward(*dev(backend, g, x, w, a, bm, u_ref), 0.5, need, *dev(backend, xd, mask))
-        assert_all_close(backend, got, cpu.lora_backward(g, x, w, a, bm, u_ref, 0.5, need, xd, mask))
+    dp, dq = dev(backend, p, q)
+    assert_all_close(backend, [k.row_sumsq(dp)], [(p * p).sum(axis=1)])
+    assert_all_close(backend, [k.rowdot(dp, dq, 1), k.rowdot(dp, dq, 0)], [(p * q).sum(axis=1), (p * q).sum(axis=0)])
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fused_adapter_ops_match_numpy(backend: Backend, dora: bool, dropout: bool) -> None:
+    """The fused LoRA / DoRA ops, written once over the array module, give NumPy's outputs and gradients."""
+    from minitorch_peft.peft import DoRAFunction, LoRAFunction
+
+    x, w, a, bm, m, b = f32(7, 6), f32(4, 6, seed=1), f32(2, 6, seed=3), f32(4, 2, seed=4), f32(4, seed=5) + 3, f32(4, seed=2)
+    mask = (np.random.default_rng(6).random((7, 6)) > 0.3).astype(np.float32) / np.float32(0.7) if dropout else None
+
+    def op(x, w, a, bm, m, b):
+        if dora:
+            return DoRAFunction.apply(x, w, a, bm, m, b, scaling=0.5, mask=mask_on(x), norm_grad=True)
+        return LoRAFunction.apply(x, w, a, bm, b, scaling=0.5, mask=mask_on(x))
+
+    def mask_on(x):
+        return None if mask is None else x.backend.asarray(mask)
+
+    ref, ref_in = _run(NUMPY, op, [x, w, a, bm, m, b])
+    out, ins = _run(backend, op, [x, w, a, bm, m, b])
+    assert_all_close(backend, [out.data], [ref.numpy()])
+    for t, r in zip(ins, ref_in):
+        assert (t.grad is None) == (r.grad is None)
+        if r.grad is not None:
+            assert_all_close(backend, [t.grad], [r.grad])
 
 
 def test_relu_kernels(backend: Backend) -> None:
@@ -314,9 +335,9 @@ def test_gpu_kernels_mirror_cpu_kernels_name_for_name() -> None:
         assert _arg_names(gpu_fns[name]) == _arg_names(fn), f"{name}: arguments differ between cpu.py and gpu.py"
 
 
-STEP_KERNELS = ["linear_forward", "linear_backward", "lora_forward", "lora_backward", "relu_forward", "relu_backward",
+STEP_KERNELS = ["linear_forward", "linear_backward", "row_sumsq", "rowdot", "relu_forward", "relu_backward",
                 "cross_entropy_forward", "cross_entropy_backward", "dropout_mask", "adam_step", "sgd_step",
-                "index_add", "dora_weight_norm", "dora_forward", "dora_backward"]
+                "index_add"]
 
 
 def test_gpu_step_kernels_never_wait_for_the_device() -> None:

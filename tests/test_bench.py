@@ -132,7 +132,7 @@ def test_gpu_backend_with_cpu_only_torch_skips_the_comparison() -> None:
 
     from minitorch_peft.bench import report, torch_ref
 
-    device, why = torch_ref.torch_device("cupy")
+    device, why = torch_ref.torch_device("cuda")
     if torch.cuda.is_available():
         assert (device, why) == ("cuda", None)
         return

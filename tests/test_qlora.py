@@ -33,7 +33,7 @@ from minitorch_peft.peft import (  # noqa: E402
     AdapterError, LoRALinear, LoraConfig, QLoRALinear, base_weight_nbytes, count_parameters, disable_adapters,
     inject_adapters, lora_layers, merge_adapters, merge_and_unload, unmerge_adapters,
 )
-from minitorch_peft.peft import qlora  # noqa: E402
+from minitorch_peft.peft import fused, qlora, weights  # noqa: E402
 from minitorch_peft.serialize import CheckpointError  # noqa: E402
 
 SMALL = [784, 512, 256, 10]
@@ -162,12 +162,12 @@ def reachable_float_matrices(obj, shapes: set[tuple[int, int]], seen=None) -> li
 @pytest.mark.parametrize("dora", [False, True])
 def test_no_float_copy_of_the_base_outlives_a_training_step(monkeypatch, dora: bool, chunked: bool) -> None:
     if chunked:
-        monkeypatch.setattr(qlora, "CHUNK_VALUES", 300)  # fc1 (1200 values) in row chunks through one buffer
+        monkeypatch.setattr(weights, "CHUNK_VALUES", 300)  # fc1 (1200 values) in row chunks through one buffer
     model = qmodel(dora=dora)
     assert len(model.fc1._base().row_chunks()) == (4 if chunked else 1)
     shapes = {(30, 40), (10, 30), (40, 30), (30, 10)}
     made: list[weakref.ref] = []
-    real = qlora._Base4bit._dequantize
+    real = weights.PackedWeight._dequantize
 
     def tracking(self, *args):
         w = real(self, *args)
@@ -177,7 +177,7 @@ def test_no_float_copy_of_the_base_outlives_a_training_step(monkeypatch, dora: b
     opt = Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, y = rng(2).standard_normal((16, 40)).astype(np.float32), rng(3).integers(0, 10, 16)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qlora._Base4bit, "_dequantize", tracking)
+        mp.setattr(weights.PackedWeight, "_dequantize", tracking)
         loss = F.cross_entropy(model(Tensor(x)), Tensor(y))
         opt.zero_grad()
         loss.backward()
@@ -185,7 +185,7 @@ def test_no_float_copy_of_the_base_outlives_a_training_step(monkeypatch, dora: b
         del loss
         gc.collect()
     assert len(made) >= 2  # the forward of both layers (fc2's W is held for its backward, or rebuilt there)
-    assert qlora._held_bytes == 0
+    assert weights._held_bytes == 0
     assert all(r() is None for r in made), "a dequantized weight is still alive after the step"
     assert reachable_float_matrices(model, shapes) == []
     assert reachable_float_matrices(opt, shapes) == []
@@ -282,16 +282,16 @@ def test_the_float64_check_can_fail() -> None:
     """Backward with the wrong weight (the codes of another tensor) must be caught by the check above."""
     layer = float64_layer(dora=False)
     wrong = quantize_4bit(rng(9).standard_normal((6, 70)).astype(np.float32), "nf4", 64, True)
-    real = qlora.QLoRAFunction.backward
+    real = fused.LoRAFunction.backward
 
     def backward_with_wrong_weight(ctx, g):
-        ctx.base = qlora._Base4bit(wrong[0], wrong[1], ctx.base.backend, ctx.base.dtype)
-        ctx.held = None  # x needs a gradient, so the forward held W for this backward: drop it
+        x, w, *rest = ctx.saved  # w: the op's PackedWeight, holding W for this backward (x needs a gradient)
+        ctx.saved = (x, weights.PackedWeight(wrong[0], wrong[1], w.backend, w.dtype), *rest)
         return real(ctx, g)
 
     x = as_leaf(rng(3).standard_normal((5, 70)))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qlora.QLoRAFunction, "backward", staticmethod(backward_with_wrong_weight))
+        mp.setattr(fused.LoRAFunction, "backward", staticmethod(backward_with_wrong_weight))
         with pytest.raises(AssertionError, match="gradient of input 0"):
             gradcheck(lambda x, a, b: layer(x), x, layer.lora_A["default"], layer.lora_B["default"])
 
@@ -302,48 +302,48 @@ def test_dequantize_counts_and_the_budget_for_holding_w_until_backward(monkeypat
     fc2's W is held by its graph node for the backward while the process-wide budget allows (then the
     backward dequantizes nothing), else rebuilt there; either way nothing is held after the step."""
     if budget is not None:
-        monkeypatch.setattr(qlora, "KEEP_FOR_BACKWARD_BYTES", budget)
+        monkeypatch.setattr(weights, "KEEP_FOR_BACKWARD_BYTES", budget)
     model = qmodel()
     calls: list[tuple[int, ...]] = []
-    real = qlora._Base4bit.dequantize
+    real = weights.PackedWeight.dequantize
 
     def counting(self):
         calls.append(self.state.shape)
         return real(self)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qlora._Base4bit, "dequantize", counting)
+        mp.setattr(weights.PackedWeight, "dequantize", counting)
         loss = F.cross_entropy(model(Tensor(rng(0).standard_normal((4, 40)).astype(np.float32))), Tensor(np.arange(4)))
         assert calls == [(30, 40), (10, 30)]
-        assert qlora._held_bytes == (0 if budget == 0 else 10 * 30 * 4)
+        assert weights._held_bytes == (0 if budget == 0 else 10 * 30 * 4)
         loss.backward()
     assert calls == [(30, 40), (10, 30)] + ([(10, 30)] if budget == 0 else [])
     del loss
     gc.collect()
-    assert qlora._held_bytes == 0
+    assert weights._held_bytes == 0
     with no_grad():  # nothing is held without a graph
         model(Tensor(rng(0).standard_normal((4, 40)).astype(np.float32)))
-    assert qlora._held_bytes == 0
+    assert weights._held_bytes == 0
 
 
 def test_holding_stops_at_the_budget(monkeypatch) -> None:
-    monkeypatch.setattr(qlora, "KEEP_FOR_BACKWARD_BYTES", 2 * 30 * 30 * 4)
+    monkeypatch.setattr(weights, "KEEP_FOR_BACKWARD_BYTES", 2 * 30 * 30 * 4)
     manual_seed(0)
     model = MLP([40, 30, 30, 30, 30, 10])  # four 30x30-or-smaller layers after the first
     inject_adapters(model, r=4, quantize="nf4", target_modules="all-linear")
     randomize_adapters(model)
     x = Tensor(rng(1).standard_normal((4, 40)).astype(np.float32))
     loss = F.cross_entropy(model(x), Tensor(np.arange(4)))
-    assert qlora._held_bytes == 2 * 30 * 30 * 4  # fc2, fc3 held; fc4, fc5 would overrun the budget
+    assert weights._held_bytes == 2 * 30 * 30 * 4  # fc2, fc3 held; fc4, fc5 would overrun the budget
     loss.backward()
     grads = [p.grad.copy() for p in model.parameters() if p.requires_grad]
-    monkeypatch.setattr(qlora, "KEEP_FOR_BACKWARD_BYTES", 0)
+    monkeypatch.setattr(weights, "KEEP_FOR_BACKWARD_BYTES", 0)
     model.zero_grad()
     F.cross_entropy(model(x), Tensor(np.arange(4))).backward()
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         np.testing.assert_array_equal(g, p.grad)  # held or rebuilt: the same weight, the same gradients
     gc.collect()
-    assert qlora._held_bytes == 0
+    assert weights._held_bytes == 0
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -381,7 +381,7 @@ def test_serial_dequantize_is_the_parallel_one_bit_for_bit(quant: str, dq: bool)
 
 @pytest.mark.parametrize("n_in,n_out,block", [(70, 30, 64), (40, 33, 32), (33, 64, 64), (784, 10, 4096)])
 def test_row_chunks_cover_the_rows_on_block_boundaries(monkeypatch, n_in: int, n_out: int, block: int) -> None:
-    monkeypatch.setattr(qlora, "CHUNK_VALUES", 256)
+    monkeypatch.setattr(weights, "CHUNK_VALUES", 256)
     manual_seed(0)
     layer = QLoRALinear.from_linear(Linear(n_in, n_out), r=2, block_size=block)
     base = layer._base()
@@ -405,7 +405,7 @@ def test_chunked_ops_equal_whole_weight_ops(monkeypatch, dora: bool, norm_grad: 
     x, y = rng(2).standard_normal((16, 64)).astype(np.float32), rng(3).integers(0, 10, 16)
     results = []
     for chunk in (1 << 19, 600):  # 600 values: fc1 (2560) in 5 chunks, fc2 (1200) in 2, fc3 whole
-        monkeypatch.setattr(qlora, "CHUNK_VALUES", chunk)
+        monkeypatch.setattr(weights, "CHUNK_VALUES", chunk)
         xt = Tensor(x, requires_grad=True)
         model.zero_grad()
         manual_seed(5)
@@ -421,7 +421,7 @@ def test_chunked_ops_equal_whole_weight_ops(monkeypatch, dora: bool, norm_grad: 
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_chunked_float64_finite_differences(monkeypatch, dora: bool) -> None:
-    monkeypatch.setattr(qlora, "CHUNK_VALUES", 150)
+    monkeypatch.setattr(weights, "CHUNK_VALUES", 150)
     manual_seed(0)
     layer = QLoRALinear.from_linear(Linear(64, 9, dtype=np.float64), block_size=64,
                                     config=LoraConfig(r=3, lora_alpha=5, use_dora=dora, dora_norm_grad=True))
@@ -764,3 +764,28 @@ def test_cli_bad_quantization_input_is_one_error_line(cli_small, capsys, tmp_pat
     shutil.copytree(tmp_path / "q", tmp_path / "trunc")
     (tmp_path / "trunc" / "base.npz").write_bytes(data[:1000])
     one_line_error(cli_small, capsys, "infer", "--model-dir", str(tmp_path / "trunc"), needle="truncated or corrupted")
+
+
+def test_chunked_input_gradient_keeps_two_products_at_most() -> None:
+    """g W by row chunks holds the chunk buffer, the running sum and one chunk's product, never more:
+    a (batch x in) product per chunk kept alive would raise the step's peak (the medium MLP's by 0.5 MiB)."""
+    import tracemalloc
+
+    manual_seed(0)
+    layer = QLoRALinear.from_linear(Linear(2048, 1024), r=2)
+    base = layer._base()
+    assert len(base.row_chunks()) == 4
+    g = rng(1).standard_normal((64, 1024)).astype(np.float32)
+    product = 64 * 2048 * 4
+    chunk = base.row_chunks()[0][1] * 2048 * 4
+    absmax = 1024 * 2048 // 64 * 4  # the per-block scales, decoded once for all chunks
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        gx = base.matmul(g)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(gx, g @ base.dequantize(), rtol=1e-4, atol=1e-4)
+    assert peak - before <= chunk + absmax + 2 * product + (64 << 10), (peak - before) / 2**20

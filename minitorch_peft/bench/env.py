@@ -94,14 +94,5 @@ def environment(backend: Backend, threads: int, threads_source: str) -> dict[str
         "platform": platform.platform(),
         "load_average_start": load_average(),
     }
-    if backend.name == "cupy":
-        try:
-            import cupy
-
-            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-            name = props["name"]
-            env["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
-            env["cupy"] = cupy.__version__
-        except Exception as e:  # pragma: no cover - only on a GPU machine
-            env["gpu"] = f"unknown ({e.__class__.__name__})"
+    env.update(backend.kernels.device_info())  # the GPU's name and CuPy's version on a GPU backend
     return env

@@ -277,7 +277,7 @@ def prepare_model(name: str, batch_size: int, seed: int, backend: Any,
     for k in STEP_VARIANTS:
         memory[f"peak_step_{k}"] = variants.peak_step_bytes(steps[k], backend) if k in steps else None
     res["memory_bytes"] = memory
-    res["peak_method"] = "cupy memory pool (hook)" if backend.name == "cupy" else "tracemalloc"
+    res["peak_method"] = backend.kernels.PEAK_METHOD
     res["skipped"] = skipped
 
     source = {"full": "full", "lora_unmerged": "lora", "lora_merged": "lora_merged", "dora": "dora", "qlora": "qlora"}
@@ -353,16 +353,7 @@ def _bench_quant(cfg: BenchConfig, ours: Any) -> dict[str, Any]:
 
 def prepare_quant(seed: int, backend: Any) -> tuple[dict[str, Any], dict[str, Callable[[], Any]], Any]:
     """In the ours worker: the NF4 quantize / dequantize cases of every shape in QUANT_SHAPES."""
-    quantize = getattr(backend.kernels, "quantize_4bit", None)
-    dequantize = getattr(backend.kernels, "dequantize_4bit", None)
-    if quantize is None or dequantize is None:
-        try:
-            from ..kernels.quant import dequantize_4bit, quantize_4bit
-        except ImportError as e:
-            return {"skipped": f"not available: {e}"}, {}, None
-        if backend.name != "numpy":
-            return {"skipped": f"not available: no 4-bit kernels for backend {backend.name}"}, {}, None
-        quantize, dequantize = quantize_4bit, dequantize_4bit
+    quantize, dequantize = backend.kernels.quantize_4bit, backend.kernels.dequantize_4bit
     rng = np.random.default_rng(seed)
     cases: dict[str, Callable[[], Any]] = {}
     sizes: dict[str, int] = {}

@@ -31,14 +31,15 @@ def import_torch() -> Any:
     return torch
 
 
-def torch_device(backend_name: str) -> tuple[str | None, str | None]:
+def torch_device(device: str) -> tuple[str | None, str | None]:
     """(device PyTorch runs on, None) or (None, why the comparison is skipped).
 
-    On the GPU backend the comparison needs PyTorch on the GPU too: a CPU-only PyTorch beside a GPU run
+    ``device`` is where the backend's arrays live (its kernels' DEVICE: "cpu" or "cuda"). On a GPU
+    backend the comparison needs PyTorch on the GPU too: a CPU-only PyTorch beside a GPU run
     would compare two different machines, so it is skipped (with the reason shown) rather than faked.
     """
     torch = import_torch()
-    if backend_name == "cupy":
+    if device == "cuda":
         if not torch.cuda.is_available():
             return None, (f"PyTorch {torch.__version__} sees no CUDA device; comparing it on the CPU with a GPU "
                           "run would not be like for like")

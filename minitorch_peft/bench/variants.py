@@ -7,8 +7,6 @@ report prints "(not available: ...)" for it and the rest of the benchmark runs.
 
 from __future__ import annotations
 
-import gc
-import tracemalloc
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -151,14 +149,11 @@ def grad_bytes(model: Module) -> int:
 def quantized_base_bytes(full: Module, double_quant: bool) -> int | None:
     """Bytes of the frozen base with every Linear weight in NF4 (block 64): packed codes plus the quant
     state, plus the biases, which stay float32. None when the 4-bit kernels are not available."""
-    try:
-        from ..kernels.quant import quantize_4bit
-    except ImportError:
-        return None
     total = 0
     for name, p in full.named_parameters():
         if name.endswith("weight"):
-            packed, state = quantize_4bit(p.backend.to_numpy(p.data), "nf4", QUANT["block_size"], double_quant)
+            quantize_4bit = p.backend.kernels.quantize_4bit
+            packed, state = quantize_4bit(p.data, "nf4", QUANT["block_size"], double_quant)
             total += int(packed.nbytes) + int(state.nbytes())
         else:
             total += p.nbytes
@@ -169,62 +164,11 @@ def quantized_base_bytes(full: Module, double_quant: bool) -> int | None:
 
 
 def peak_step_bytes(call: Callable[[], Any], backend: Backend) -> int:
-    """Peak bytes allocated while ``call`` runs, above what was live before it.
-
-    NumPy reports every array buffer to tracemalloc, so on the CPU this counts the activations,
-    gradients and temporaries of the step (and the Python objects of the graph). On CuPy the memory
-    pool's bytes in use are tracked by a memory hook.
-    """
-    if backend.name == "cupy":
-        return _cupy_peak(call, backend)
-    gc.collect()
-    was_tracing = tracemalloc.is_tracing()
-    if not was_tracing:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before, _ = tracemalloc.get_traced_memory()
-        call()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        if not was_tracing:
-            tracemalloc.stop()
-    return max(0, peak - before)
-
-
-def _cupy_peak(call: Callable[[], Any], backend: Backend) -> int:  # pragma: no cover - needs a GPU
-    import cupy
-    from cupy.cuda import MemoryHook
-
-    class PoolPeak(MemoryHook):
-        name = "minitorch_peft_bench_peak"
-
-        def __init__(self) -> None:
-            self.used = self.peak = 0
-            self.live: dict[int, int] = {}
-
-        def malloc_postprocess(self, **kw: Any) -> None:
-            self.live[kw["mem_ptr"]] = kw["mem_size"]
-            self.used += kw["mem_size"]
-            self.peak = max(self.peak, self.used)
-
-        def free_postprocess(self, **kw: Any) -> None:
-            # only blocks taken during the call count, as with tracemalloc: freeing an older array (last
-            # step's gradients) must not make room that this step's allocations then seem not to use
-            self.used -= self.live.pop(kw["mem_ptr"], 0)
-
-    cupy.cuda.Device().synchronize()
-    hook = PoolPeak()
-    with hook:
-        call()
-        cupy.cuda.Device().synchronize()
-    return max(0, hook.peak)
+    """Peak bytes allocated while ``call`` runs, above what was live before it, as the backend's kernels
+    measure it (tracemalloc on the CPU, the memory pool on a GPU)."""
+    return backend.kernels.peak_bytes(call)
 
 
 def sync_for(backend: Backend) -> Callable[[], None] | None:
     """What makes the clock honest on this backend: wait for the GPU (nothing to wait for on the CPU)."""
-    if backend.name == "cupy":
-        import cupy
-
-        return lambda: cupy.cuda.Device().synchronize()
-    return None
+    return backend.kernels.synchronize

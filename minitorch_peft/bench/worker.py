@@ -154,7 +154,9 @@ class TorchSide(Side):
         from . import torch_ref
 
         self.torch = torch_ref.import_torch()  # a missing PyTorch is a project error: one line in the parent
-        device, self.skipped = torch_ref.torch_device(backend)
+        from ..backend import get_backend
+
+        device, self.skipped = torch_ref.torch_device(get_backend(backend).kernels.DEVICE)  # "cpu" or "cuda"
         self.device = device or "cpu"
         if threads is not None:
             from threadpoolctl import threadpool_limits

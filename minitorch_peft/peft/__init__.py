@@ -3,8 +3,11 @@
 from .adapter_io import load_adapters, load_peft, save_adapters, save_peft
 from .compose import COMBINATIONS, combine_adapters
 from .config import AdapterError, LoraConfig, RankWarning
-from .dora import DoRAFunction
-from .lora import LoRAFunction, LoRALinear
+from .dora import DoRAUpdate
+from .fused import BaseLinearFunction, DoRAFunction, LoRAFunction
+from .lora import LoRALinear
+from .update import LoRAUpdate
+from .weights import DenseWeight, PackedWeight
 from .loraplus import loraplus_param_groups
 from .qlora import QLoRALinear, base_weight_nbytes
 from .peft_model import PeftModel, get_peft_model
@@ -21,4 +24,5 @@ __all__ = [
     "count_parameters", "delete_adapter", "disable_adapters", "inject_adapters", "linear_names",
     "list_adapters", "lora_layers", "merge_adapters", "merge_and_unload", "set_adapter", "unload",
     "unmerge_adapters", "QLoRALinear", "base_weight_nbytes", "PeftModel", "get_peft_model",
+    "BaseLinearFunction", "DenseWeight", "DoRAUpdate", "LoRAUpdate", "PackedWeight",
 ]

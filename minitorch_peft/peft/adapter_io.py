@@ -24,7 +24,7 @@ from ..nn.layers import Linear
 from ..nn.module import Module
 from ..serialize import CheckpointError, atomic_directory, check_finite, load_json, load_npz, save_json, save_npz
 from .config import AdapterError, LoraConfig
-from .lora import LoRALinear
+from .lora import LoRALinear, make_update
 from .model import active_adapter, add_adapter, inject_adapters, list_adapters, lora_layers, set_adapter
 
 FORMAT = "minitorch_peft.adapters"
@@ -78,11 +78,8 @@ def _expected_shapes(name: str, cfg: LoraConfig, shapes: dict[str, tuple[int, in
     """Our state-dict key -> shape for adapter ``name`` on the modules of ``shapes``."""
     out: dict[str, tuple[int, ...]] = {}
     for module, (n_out, n_in) in shapes.items():
-        r = cfg.for_module(module).r
-        out[f"{module}.lora_A.{name}"] = (r, n_in)
-        out[f"{module}.lora_B.{name}"] = (n_out, r)
-        if cfg.use_dora:
-            out[f"{module}.lora_magnitude_vector.{name}"] = (n_out,)
+        for kind, shape in make_update(name, cfg.for_module(module)).shapes(n_in, n_out).items():
+            out[f"{module}.{kind}.{name}"] = shape
     return out
 
 

@@ -96,10 +96,7 @@ def svd_factor(delta: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarray
 def _delta(layer: LoRALinear, name: str) -> np.ndarray:
     """Adapter ``name``'s update of ``layer``'s weight, in float64 on the host."""
     be = layer.weight.backend
-    if layer.configs[name].use_dora:
-        d = layer.merged_weight(name) - layer.base_weight()
-    else:
-        d = layer.delta_weight(name)
+    d = layer.updates[name].weight_change(layer, layer.base_weight())
     return np.asarray(be.to_numpy(d), dtype=np.float64)
 
 

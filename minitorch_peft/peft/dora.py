@@ -1,4 +1,4 @@
-"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024), as hooks that LoRALinear calls.
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024), as an adapter update object.
 
 W' = m * (W0 + s B A) / ||W0 + s B A||_row: a trainable magnitude ``m`` (one per output row, started at
 the row norms of W0) times a unit direction that LoRA adapts. The forward never forms W':
@@ -6,100 +6,79 @@ the row norms of W0) times a unit direction that LoRA adapts. The forward never 
     y = (m / n) * (x W0^T + s (x_d A^T) B^T) + b,    n = ||W0 + s B A||_row,
 
 so the big matmul is the base layer's own x W0^T, and n comes from thin (out x r) products (see
-``kernels.cpu.dora_weight_norm``). As in the paper (section 4.3) and Hugging Face PEFT, n is treated as
-a constant in backward by default; ``LoraConfig(dora_norm_grad=True)`` lets the gradient flow through it.
+``peft.fused.DoRAFunction``, which owns the forward and backward). As in the paper (section 4.3) and
+Hugging Face PEFT, n is treated as a constant in backward by default; ``LoraConfig(dora_norm_grad=True)``
+lets the gradient flow through it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..function import Context, Function
+from ..nn.module import Parameter
 from ..tensor import Tensor
 from .config import AdapterError
+from .fused import DoRAFunction, dora_weight_norm
+from .update import LoRAUpdate
 
 if TYPE_CHECKING:
     from .lora import LoRALinear
 
 
-class DoRAFunction(Function):
-    """y = (m / ||W + s B A||_row) * (x W^T + s (x A^T) B^T) + b;  dx, dA, dB, dm (dW, db if unfrozen) in one backward."""
+class DoRAUpdate(LoRAUpdate):
+    """LoRA's A and B plus a magnitude m (out,): W' = (m / ||W0 + s B A||_row) (W0 + s B A)."""
 
-    @staticmethod
-    def forward(
-        ctx: Context, x: Any, w: Any, a: Any, bm: Any, mag: Any, b: Any = None, *,
-        scaling: float, mask: Any = None, norm_grad: bool = False,
-    ) -> Any:
-        xd = None if mask is None else x * mask
-        y, z, u, n, wa = ctx.backend.kernels.dora_forward(x, w, b, a, bm, mag, scaling, xd)
-        ctx.save_for_backward(x, w, a, bm, mag, u, z, n, wa, xd, mask)
-        ctx.scaling, ctx.norm_grad = scaling, norm_grad
-        return y
+    label = ", dora"
 
-    @staticmethod
-    def backward(ctx: Context, g: Any) -> tuple[Any, ...]:
-        x, w, a, bm, mag, u, z, n, wa, xd, mask = ctx.saved
-        need = ctx.needs_input_grad
-        need_b = len(need) > 5 and need[5]
-        gx, gw, gb, ga, gbm, gm = ctx.backend.kernels.dora_backward(
-            g, x, w, a, bm, mag, u, z, n, wa, ctx.scaling,
-            (need[0], need[1], need_b, need[2], need[3], need[4]), xd, mask, ctx.norm_grad,
-        )
-        return (gx, gw, ga, gbm, gm) + ((gb,) if len(need) > 5 else ())
+    def init(self, layer: "LoRALinear") -> None:
+        """A and B as LoRA's; m = ||W0 + s B A||_row = ||W0||_row (B = 0), computed by the same code as the
+        forward's norm, so m / n is exactly 1 and a new adapter changes nothing."""
+        super().init(layer)
+        layer.lora_magnitude_vector[self.name] = Parameter(self.weight_norm(layer, layer.base_weight()))
 
+    def parameters(self, layer: "LoRALinear") -> list[Parameter]:
+        return super().parameters(layer) + [layer.lora_magnitude_vector[self.name]]
 
-def weight_norm(layer: "LoRALinear", name: str, weight: Any = None) -> Any:
-    """||W0 + s B A|| per output row for adapter ``name`` (an array of shape (out,), no graph)."""
-    w = layer.base_weight() if weight is None else weight
-    n, _ = layer.weight.backend.kernels.dora_weight_norm(
-        w, layer.lora_A[name].data, layer.lora_B[name].data, layer.scaling(name)
-    )
-    return n
+    def shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
+        return {**super().shapes(n_in, n_out), "lora_magnitude_vector": (n_out,)}
 
+    def remove(self, layer: "LoRALinear") -> None:
+        super().remove(layer)
+        del layer.lora_magnitude_vector[self.name]
+        layer.dora_merge_state.pop(self.name, None)
 
-def init_magnitude(layer: "LoRALinear") -> Any:
-    """m = ||W0 + s B A||_row of the adapter being added (B = 0, so ||W0||_row): the output starts unchanged.
+    def weight_norm(self, layer: "LoRALinear", w0: Any) -> Any:
+        """||W0 + s B A|| per output row (an array of shape (out,), no graph)."""
+        n, _ = dora_weight_norm(layer.weight.backend, w0, layer.lora_A[self.name].data,
+                                layer.lora_B[self.name].data, self.config.scaling)
+        return n
 
-    Computed by the same kernel as the forward's norm, so m / n is exactly 1 at initialisation.
-    """
-    name = next(reversed(layer.configs))  # add_adapter registers the config just before calling this
-    return weight_norm(layer, name)  # a fresh array from the kernel: nothing else holds it
+    def forward(self, layer: "LoRALinear", x: Tensor, w: Tensor, mask: Any) -> Tensor:
+        return DoRAFunction.apply(x, w, layer.lora_A[self.name], layer.lora_B[self.name],
+                                  layer.lora_magnitude_vector[self.name], layer.bias,
+                                  scaling=self.config.scaling, mask=mask, norm_grad=self.config.dora_norm_grad)
 
+    def merged_weight(self, layer: "LoRALinear", w0: Any, record: bool = True) -> Any:
+        """W' = (m / n)[:, None] * (W0 + s B A): the plain weight that gives this adapter's output.
 
-def dora_forward(layer: "LoRALinear", x: Tensor, name: str, mask: Any) -> Tensor:
-    """The layer's output with DoRA adapter ``name`` active (``mask``: the dropout mask on x, or None)."""
-    inputs: tuple[Tensor, ...] = (
-        x, layer.base_weight_tensor(), layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name],
-    )
-    if layer.bias is not None:
-        inputs += (layer.bias,)
-    config = layer.configs[name]
-    return DoRAFunction.apply(*inputs, scaling=config.scaling, mask=mask, norm_grad=config.dora_norm_grad)
+        With ``record``, the row scale m / n is kept on the layer, so that ``unmerge`` can undo the merge
+        exactly (n depends on W0, which is gone once W' overwrites it). Rows scaled by zero lose W0, so
+        then W0 itself is kept.
+        """
+        xp = layer.weight.backend.xp
+        scale = layer.lora_magnitude_vector[self.name].data / self.weight_norm(layer, w0)
+        if record:
+            lossy = not bool(xp.all(scale != 0))
+            layer.dora_merge_state[self.name] = (scale, xp.array(w0, copy=True) if lossy else None)
+        return scale[:, None] * (w0 + self.delta(layer))
 
+    def weight_change(self, layer: "LoRALinear", w0: Any) -> Any:
+        return self.merged_weight(layer, w0, record=False) - w0
 
-def dora_merged_weight(layer: "LoRALinear", name: str) -> Any:
-    """W' = (m / n)[:, None] * (W0 + s B A): the plain weight that gives this adapter's output.
-
-    The row scale m / n is kept on the layer, so that ``dora_unmerged_weight`` can undo the merge
-    exactly (n depends on W0, which is gone once W' overwrites it). Rows scaled by zero lose W0, so
-    then W0 itself is kept.
-    """
-    if layer.merged:
-        raise AdapterError("the layer is merged: unmerge() before computing a DoRA merged weight")
-    w0 = layer.base_weight()
-    xp = layer.weight.backend.xp
-    scale = layer.lora_magnitude_vector[name].data / weight_norm(layer, name, w0)
-    lossy = not bool(xp.all(scale != 0))
-    layer.dora_merge_state[name] = (scale, xp.array(w0, copy=True) if lossy else None)
-    return scale[:, None] * (w0 + layer.delta_weight(name))
-
-
-def dora_unmerged_weight(layer: "LoRALinear", name: str) -> Any:
-    """W0 = W' / (m / n)[:, None] - s B A, with the row scale saved when the adapter was merged."""
-    state = layer.dora_merge_state.pop(name, None)
-    if state is None:
-        raise AdapterError(f"adapter {name!r} was not merged by this layer; cannot unmerge it")
-    scale, w0 = state
-    if w0 is not None:
-        return w0
-    return layer.weight.data / scale[:, None] - layer.delta_weight(name)
+    def unmerge(self, layer: "LoRALinear", w: Any) -> None:
+        """W0 = W' / (m / n)[:, None] - s B A, with the row scale saved when the adapter was merged."""
+        state = layer.dora_merge_state.pop(self.name, None)
+        if state is None:
+            raise AdapterError(f"adapter {self.name!r} was not merged by this layer; cannot unmerge it")
+        scale, w0 = state
+        w[...] = w0 if w0 is not None else w / scale[:, None] - self.delta(layer)

@@ -1,46 +1,32 @@
 """LoRALinear: a drop-in for Linear with a frozen base and named low-rank adapters.
 
 y = x @ W^T + b + s * dropout(x) @ A^T @ B^T, with A (r x in), B (out x r) and s = alpha / r.
-Several adapters can live in one layer (``lora_A["name"]``); one is active at a time.
+Several adapters can live in one layer (``lora_A["name"]``); one is active at a time. What an adapter
+does (LoRA, DoRA) is its update object's business (``peft.update``, ``peft.dora``); the math of the ops
+is in ``peft.fused``; this module keeps the bookkeeping: which adapter is active, merged, trainable.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from .. import functional as F
 from ..backend import Backend
-from ..function import Context, Function
-from ..nn.layers import Linear, kaiming_uniform
+from ..nn.layers import Linear
 from ..nn.containers import ParameterDict
 from ..nn.module import Module, Parameter
 from ..random import generator
 from ..tensor import Tensor
 from .config import AdapterError, LoraConfig
+from .dora import DoRAUpdate
+from .fused import BaseLinearFunction, LoRAFunction
+from .update import LoRAUpdate
+
+__all__ = ["LoRALinear", "LoRAFunction", "make_update"]
 
 
-class LoRAFunction(Function):
-    """y = x W^T + b + s (x A^T) B^T in one fused op; dx, dA, dB (and dW, db if unfrozen) in one backward."""
-
-    @staticmethod
-    def forward(ctx: Context, x: Any, w: Any, a: Any, bm: Any, b: Any = None, *, scaling: float, mask: Any = None) -> Any:
-        k = ctx.backend.kernels
-        xd = None if mask is None else x * mask
-        y, u = k.lora_forward(x, w, b, a, bm, scaling, xd)
-        ctx.save_for_backward(x, w, a, bm, u, xd, mask)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx: Context, g: Any) -> tuple[Any, ...]:
-        x, w, a, bm, u, xd, mask = ctx.saved
-        need = ctx.needs_input_grad
-        need_b = len(need) > 4 and need[4]
-        gx, gw, gb, ga, gbm = ctx.backend.kernels.lora_backward(
-            g, x, w, a, bm, u, ctx.scaling, (need[0], need[1], need_b, need[2], need[3]), xd, mask
-        )
-        return (gx, gw, ga, gbm) + ((gb,) if len(need) > 4 else ())
+def make_update(name: str, config: LoraConfig) -> LoRAUpdate:
+    """The update object for adapter ``name``: the one place where ``config.use_dora`` picks the class."""
+    return (DoRAUpdate if config.use_dora else LoRAUpdate)(name, config)
 
 
 class LoRALinear(Module):
@@ -86,17 +72,22 @@ class LoRALinear(Module):
         return layer
 
     def _init_from(self, linear: Linear) -> None:
+        self._init_layer(linear)
+        self.weight = linear.weight
+        self.weight.requires_grad = False
+
+    def _init_layer(self, linear: Linear) -> None:
+        """Everything but the base weight's storage: sizes, the (frozen) bias, the adapter bookkeeping."""
         Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
         self.bias = linear.bias
-        self.weight.requires_grad = False
         if self.bias is not None:
             self.bias.requires_grad = False
         self.lora_A = ParameterDict()
         self.lora_B = ParameterDict()
         self.lora_magnitude_vector = ParameterDict()  # DoRA's m, one entry per DoRA adapter
         self.configs: dict[str, LoraConfig] = {}
+        self.updates: dict[str, LoRAUpdate] = {}  # one update object per adapter, made from its config
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.dora_merge_state: dict[str, Any] = {}  # DoRA: what unmerge needs (n depends on the W0 that merge overwrites)
@@ -105,23 +96,13 @@ class LoRALinear(Module):
     # ------------------------------------------------------------------------------ adapters
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
-        """Create adapter ``name``: A Kaiming-uniform (or N(0, 1/r)), B zeros, so the output is unchanged."""
+        """Create adapter ``name`` (its update object makes its parameters so the output is unchanged)."""
         if name in self.configs:
             raise AdapterError(f"adapter {name!r} already exists in this layer")
-        be, dtype = self.weight.backend, self.weight.dtype
-        # drawn in float64 on the host and rounded once, by the backend, to the weight's dtype (which may
-        # be a device library's dtype object that NumPy cannot read)
-        if config.init_lora_weights == "gaussian":
-            a = generator().normal(0.0, 1.0 / config.r, size=(config.r, self.in_features))
-        else:
-            a = kaiming_uniform((config.r, self.in_features), self.in_features, a=math.sqrt(5), dtype=float)
-        self.lora_A[name] = Parameter(be.asarray(a, dtype=dtype))
-        self.lora_B[name] = Parameter(be.xp.zeros((self.out_features, config.r), dtype=dtype))
-        self.configs[name] = config
-        if config.use_dora:
-            from .dora import init_magnitude
-
-            self.lora_magnitude_vector[name] = Parameter(init_magnitude(self))
+        config.check_fits(name, self.in_features, self.out_features)
+        update = make_update(name, config)
+        update.init(self)
+        self.configs[name], self.updates[name] = config, update
         if self.active_adapter is None:
             self.set_adapter(name)
         else:
@@ -142,19 +123,16 @@ class LoRALinear(Module):
             raise AdapterError(f"unknown adapter {name!r}; this layer has: {', '.join(self.configs) or 'none'}")
         if name in self.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it")
-        del self.lora_A[name], self.lora_B[name], self.configs[name]
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
+        self.updates.pop(name).remove(self)
+        del self.configs[name]
         if self.active_adapter == name:
             self.active_adapter = None
             if self.configs:
                 self.set_adapter(next(iter(self.configs)))
 
     def _set_trainable(self, name: str, flag: bool) -> None:
-        self.lora_A[name].requires_grad = flag
-        self.lora_B[name].requires_grad = flag
-        if name in self.lora_magnitude_vector:
-            self.lora_magnitude_vector[name].requires_grad = flag
+        for p in self.updates[name].parameters(self):
+            p.requires_grad = flag
 
     def scaling(self, name: str | None = None) -> float:
         return self.configs[name or self._active()].scaling
@@ -171,24 +149,20 @@ class LoRALinear(Module):
         return self.weight.data
 
     def base_weight_tensor(self) -> Tensor:
-        """The base weight as the tensor forward multiplies by (QLoRA: a dequantized scratch buffer)."""
+        """The base weight as the ops take it: here the weight tensor (QLoRA: a packed 4-bit operand)."""
         return self.weight
 
     def delta_weight(self, name: str | None = None) -> Any:
-        """s * B @ A: the update adapter ``name`` adds to W, as an (out x in) array."""
+        """s * B @ A: the update adapter ``name``'s A and B add to W, as an (out x in) array."""
         name = name or self._active()
-        return (self.lora_B[name].data * self.scaling(name)) @ self.lora_A[name].data
+        return self.updates[name].delta(self)
 
     def merged_weight(self, name: str | None = None) -> Any:
         """The weight that gives, without an adapter, exactly the output this adapter gives."""
         name = name or self._active()
         if self.merged:  # the weight already holds W0 + update: building on it would count the update twice
             raise AdapterError("the layer is merged; unmerge() first")
-        if self.configs[name].use_dora:
-            from .dora import dora_merged_weight
-
-            return dora_merged_weight(self, name)
-        return self.base_weight() + self.delta_weight(name)
+        return self.updates[name].merged_weight(self, self.base_weight())
 
     def merge(self) -> None:
         """Fold the active adapter into W, so forward costs one plain matmul."""
@@ -201,12 +175,7 @@ class LoRALinear(Module):
     def unmerge(self) -> None:
         """Undo merge(): W back to the base weight (exact up to float rounding)."""
         for name in reversed(self.merged_adapters):
-            if self.configs[name].use_dora:
-                from .dora import dora_unmerged_weight
-
-                self.weight.data[...] = dora_unmerged_weight(self, name)
-            else:
-                self.weight.data -= self.delta_weight(name)
+            self.updates[name].unmerge(self, self.weight.data)
         self.merged_adapters = []
 
     @property
@@ -235,21 +204,16 @@ class LoRALinear(Module):
     def forward(self, x: Tensor) -> Tensor:
         name = self.active_adapter
         if name is None or self.adapters_disabled or self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return BaseLinearFunction.apply(x, self.base_weight_tensor(), self.bias)
         config = self.configs[name]
         mask = None
         if self.training and config.lora_dropout > 0.0:
             mask = x.backend.kernels.dropout_mask(x.shape, config.lora_dropout, x.dtype, generator())
-        if config.use_dora:
-            from .dora import dora_forward
-
-            return dora_forward(self, x, name, mask)
-        inputs = (x, self.base_weight_tensor(), self.lora_A[name], self.lora_B[name]) + ((self.bias,) if self.bias is not None else ())
-        return LoRAFunction.apply(*inputs, scaling=config.scaling, mask=mask)
+        return self.updates[name].forward(self, x, self.base_weight_tensor(), mask)
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}, out_features={self.out_features}"]
         for name, c in self.configs.items():
             star = "*" if name == self.active_adapter else ""
-            parts.append(f"{name}{star}: r={c.r}, alpha={c.lora_alpha:g}{', dora' if c.use_dora else ''}")
+            parts.append(f"{name}{star}: r={c.r}, alpha={c.lora_alpha:g}{self.updates[name].label}")
         return "; ".join(parts)
