@@ -1,12 +1,21 @@
-"""BLAS threads per matmul: a product too small to pay for a second thread runs on one.
+"""BLAS threads: the budget of every matmul (``--threads``), and an optional size policy.
 
-Waking a BLAS worker thread, splitting the product and joining costs tens of microseconds, and on a
-machine whose other cores are busy the split waits for the slowest thread; a (64 x 256) @ (256 x 10) product
-takes about 12 microseconds on one core. So each matmul of ``cpu.linear_forward`` / ``linear_backward``
-asks ``for_gemm(m, n, k)`` first: below ``SMALL_GEMM`` multiply-adds it runs single-threaded, above it gets
-the thread budget (``set_threads(n)``, the ``--threads`` flag; by default what the BLAS library started
-with, i.e. every CPU). The setting is changed only when it differs from the current one, through
-threadpoolctl's handle on the loaded BLAS (one C call, about 2 microseconds).
+Waking a BLAS worker thread, splitting the product and joining costs tens of microseconds, so a product
+too small to pay for a second thread could run on one: with the size policy on, each matmul of
+``cpu.linear_forward`` / ``linear_backward`` asks ``for_gemm(m, n, k)`` first, and below ``SMALL_GEMM``
+multiply-adds it runs single-threaded. The policy is **off by default**, because measuring it said so
+(``python -m minitorch_peft.bench.thread_table --rounds 15 --steps 50 --epoch``, 2 CPUs, quiet, two runs;
+each cell over the policy column, lower is faster):
+
+    setting                         medium full  medium LoRA  small full  small LoRA  epoch full  epoch LoRA
+    1 thread                        0.75 / 0.90  1.38 / 1.65  0.85 / 1.28 0.96 / 1.14 1.25 / 1.31 1.21 / 1.26
+    2 threads, every matmul         0.60 / 0.58  1.00 / 0.94  0.84 / 0.98 0.92 / 0.90 0.96 / 0.97 0.98 / 1.00
+    2 threads, small on 1 (policy)  1.00         1.00         1.00        1.00        1.00        1.00
+
+OpenBLAS already keeps a small product on one thread by itself, and changing its thread count between
+calls costs more than it saves (the medium full step: 53-61 ms with the policy, 31-33 ms without). So by
+default every product gets the budget and BLAS decides; ``set_threads(n, size_policy=True)`` (and the
+thread table) keep the alternative measurable.
 
 This is the only module besides ``cpu`` that knows a BLAS library is there. Without threadpoolctl every
 function here does nothing and BLAS keeps its own choice.
@@ -21,9 +30,11 @@ from typing import Any, Iterator
 # rank-r adapter products and the 10-way head (at most ~2.1M for the medium model at batch 64) sit below
 # this, the 784 x 512 layers and larger above it.
 SMALL_GEMM = 1 << 22
-# The budget of a large product when nobody sets one: None is what the BLAS library starts with (every CPU,
-# or $OPENBLAS_NUM_THREADS). `python -m minitorch_peft.bench.thread_table` measures the alternatives.
+# The budget of a product when nobody sets one: None is what the BLAS library starts with (every CPU, or
+# $OPENBLAS_NUM_THREADS). `python -m minitorch_peft.bench.thread_table` measures the alternatives.
 DEFAULT_THREADS: int | None = None
+# Whether small products run on one thread when nobody says: off, as measured (the table above).
+DEFAULT_SIZE_POLICY = False
 
 
 class _Policy:
@@ -31,7 +42,7 @@ class _Policy:
         self.libs: list[Any] | None = None  # threadpoolctl controllers of the loaded BLAS libraries
         self.budget: int | None = None  # threads for a large product; None: what BLAS started with
         self.current: int | None = None  # what the libraries are set to now (None: unknown)
-        self.size_policy = True
+        self.size_policy = DEFAULT_SIZE_POLICY
 
     def controllers(self) -> list[Any]:
         if self.libs is None:
@@ -66,9 +77,9 @@ def for_gemm(m: int, n: int, k: int) -> None:
     p.set(1 if m * n * k < SMALL_GEMM else p.budget)
 
 
-def set_threads(n: int | None, size_policy: bool = True) -> None:
-    """The thread budget of a large product (None: what BLAS started with); ``size_policy`` False gives every
-    product the budget, as BLAS alone would."""
+def set_threads(n: int | None, size_policy: bool = DEFAULT_SIZE_POLICY) -> None:
+    """The thread budget of a product (None: what BLAS started with); ``size_policy`` True runs a product
+    below ``SMALL_GEMM`` multiply-adds on one thread, False gives every product the budget (as BLAS alone)."""
     p = _policy
     libs = p.controllers()
     if n is None:

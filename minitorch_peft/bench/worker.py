@@ -26,6 +26,7 @@ import traceback
 from typing import Any, Callable
 
 from ..errors import MinitorchPeftError
+from ..kernels.threads import DEFAULT_SIZE_POLICY
 
 SIDES = ("ours", "torch")
 
@@ -88,7 +89,7 @@ class OursSide(Side):
 
     name = "ours"
 
-    def __init__(self, threads: int | None, backend: str = "numpy", size_policy: bool = True) -> None:
+    def __init__(self, threads: int | None, backend: str = "numpy", size_policy: bool = DEFAULT_SIZE_POLICY) -> None:
         super().__init__(threads)
         from ..backend import get_backend
         from ..kernels import threads as blas
@@ -99,7 +100,7 @@ class OursSide(Side):
 
             threadpool_limits(limits=threads)  # every pool threadpoolctl knows, for the life of this worker
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        blas.set_threads(threads, size_policy)  # the budget every large matmul gets (small ones run on one thread)
+        blas.set_threads(threads, size_policy)  # the budget of every matmul (and the size policy, if asked for)
         self.backend = get_backend(backend)
 
     def op_hello(self) -> dict[str, Any]:
@@ -149,7 +150,7 @@ class TorchSide(Side):
 
     name = "torch"
 
-    def __init__(self, threads: int | None, backend: str = "numpy", size_policy: bool = True) -> None:
+    def __init__(self, threads: int | None, backend: str = "numpy", size_policy: bool = DEFAULT_SIZE_POLICY) -> None:
         super().__init__(threads)
         from . import torch_ref
 
@@ -200,7 +201,7 @@ class TorchSide(Side):
         return torch_epoch(spec, method, batch_size, seed, lr, data_dir, self.device)
 
 
-def serve(side: str, threads: int | None, backend: str, size_policy: bool = True) -> int:
+def serve(side: str, threads: int | None, backend: str, size_policy: bool = DEFAULT_SIZE_POLICY) -> int:
     """The worker's main loop: read a request, run it, answer; until "exit" or the end of stdin."""
     import signal
 
@@ -270,7 +271,7 @@ class Worker:
     worker's message; anything else as ``WorkerCrash`` with the worker's traceback.
     """
 
-    def __init__(self, side: str, threads: int | None = None, backend: str = "numpy", size_policy: bool = True) -> None:
+    def __init__(self, side: str, threads: int | None = None, backend: str = "numpy", size_policy: bool = DEFAULT_SIZE_POLICY) -> None:
         if side not in SIDES:
             raise ValueError(f"unknown side {side!r}")
         self.side = side

@@ -81,7 +81,7 @@ def ignored_flags(ctx: click.Context, method: str) -> str | None:
               help="Write the loss per step and the accuracy per epoch to this PNG (needs matplotlib: "
                    "pip install 'minitorch_peft[plot]').")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="BLAS threads for a large matmul (default: every CPU; a small matmul always runs on one).")
+              help="BLAS threads for every matmul (default: what the BLAS library chooses, every CPU).")
 @JSON
 @click.option("--distributed", is_flag=True, default=False,
               help="Data parallel over MPI: launch with mpiexec -n N (implied there when N > 1); the global batch "
