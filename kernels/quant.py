@@ -30,8 +30,10 @@ Storage per parameter: 4 bits + 32/B bits (plain) or 4 + 8/B + 32/(256 B) bits (
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any, Callable
 
 import numpy as np
 from numba import njit, prange
@@ -454,13 +456,12 @@ def _quantize4_kernel(x, block, thr, step, base, packed, absmax):  # pragma: no 
             packed[e >> one] = np.uint8(np.int32(c0) << 4)
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _dequantize4_kernel(packed, absmax, block, code, out):  # pragma: no cover - compiled
-    """out[i] = code[nibble i] * absmax[i // block]."""
+def _dequantize4_loop(packed, absmax, block, code, out):  # pragma: no cover - compiled
+    """out[i] = code[nibble i] * absmax[i // block]; compiled twice below (parallel and serial)."""
     n = out.size
     nb = absmax.size
     one = np.uint64(1)
-    for b in prange(nb):
+    for b in prange(nb):  # a plain range where compiled without parallel=True
         a = absmax[b]
         s = np.uint64(b * block)
         e = np.uint64(min(b * block + block, n))
@@ -472,27 +473,27 @@ def _dequantize4_kernel(packed, absmax, block, code, out):  # pragma: no cover -
             out[e - one] = code[packed[e >> one] >> 4] * a
 
 
-@njit(cache=True, nogil=True)
-def _dequantize4_serial_kernel(packed, absmax, block, code, out):  # pragma: no cover - compiled
-    """_dequantize4_kernel on the calling thread only (same loop, same result bit for bit).
+def _njit_as(name: str, fn: Callable[..., None], **flags: bool) -> Any:
+    """``njit(cache=True, nogil=True, **flags)`` of a copy of ``fn`` named ``name``.
 
-    For callers that dequantize a modest tensor many times (a QLoRA layer, once per op): there the
-    parallel region's start-up and thread wake-ups cost more than they save, and on a busy 2-core
-    machine the region also waits for a second core (measured: a QLoRA step ~10% slower).
+    Numba's on-disk cache files a compiled function under its module, qualified name and first line,
+    and its index keys on the signature and bytecode, never on the flags: two compilations of one
+    function object (parallel and serial) would load each other's machine code from the cache. A
+    copy under its own name gets its own cache file.
     """
-    n = out.size
-    nb = absmax.size
-    one = np.uint64(1)
-    for b in range(nb):
-        a = absmax[b]
-        s = np.uint64(b * block)
-        e = np.uint64(min(b * block + block, n))
-        for j in range(s >> one, e >> one):
-            q = packed[j]
-            out[j << one] = code[q >> 4] * a
-            out[(j << one) | one] = code[q & 15] * a
-        if (e - s) & one:
-            out[e - one] = code[packed[e >> one] >> 4] * a
+    copy = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = name
+    copy.__doc__ = fn.__doc__
+    return njit(cache=True, nogil=True, **flags)(copy)
+
+
+_dequantize4_kernel = _njit_as("_dequantize4_kernel", _dequantize4_loop, parallel=True)
+
+# _dequantize4_kernel on the calling thread only (same loop, same result bit for bit). For callers
+# that dequantize a modest tensor many times (a QLoRA layer, once per op): there the parallel
+# region's start-up and thread wake-ups cost more than they save, and on a busy 2-core machine the
+# region also waits for a second core (measured: a QLoRA step ~10% slower).
+_dequantize4_serial_kernel = _njit_as("_dequantize4_serial_kernel", _dequantize4_loop)
 
 
 @njit(cache=True, nogil=True)

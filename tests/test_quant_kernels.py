@@ -280,6 +280,21 @@ def test_dequantize_writes_into_out(impl):
             impl.dequantize_4bit(packed, state, out=bad)
 
 
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 1001])
+def test_serial_dequantize_matches_the_parallel_one_bit_for_bit(n):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    packed, state = Q.quantize_4bit(x, "fp4", 32, True)
+    assert _same(Q.dequantize_4bit(packed, state, serial=True), Q.dequantize_4bit(packed, state))
+
+
+def test_dequantize_twins_are_compiled_apart_with_their_own_cache_files():
+    """One loop compiled twice: Numba's disk cache keys on the function's name, not on its flags, so
+    the twins need their own names, or the serial one would load the parallel machine code."""
+    par, ser = Q._dequantize4_kernel, Q._dequantize4_serial_kernel
+    assert par.targetoptions.get("parallel") is True and not ser.targetoptions.get("parallel")
+    assert par._cache._cache_file._index_name != ser._cache._cache_file._index_name
+
+
 def test_readonly_and_non_float32_inputs():
     x = np.random.default_rng(4).standard_normal((9, 13))
     ro = x.astype(np.float32)
