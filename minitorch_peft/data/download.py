@@ -78,26 +78,27 @@ class _MirrorFailed(Exception):
     """One mirror did not deliver an intact file; the next one is tried."""
 
 
-class _TimedHTTPConnection(http.client.HTTPConnection):
-    """Connects within ``timeout`` (the connect timeout), then waits at most ``read_timeout`` per read."""
+class _ReadTimeout:
+    """Mixin for an http.client connection: connects within ``timeout`` (the connect timeout), then
+    waits at most ``read_timeout`` per read (for HTTPS, on the TLS socket its ``connect`` wraps)."""
+
+    sock: Any
 
     def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_timeout = read_timeout
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         self.sock.settimeout(self.read_timeout)
 
 
-class _TimedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.read_timeout = read_timeout
+class _TimedHTTPConnection(_ReadTimeout, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock.settimeout(self.read_timeout)
+
+class _TimedHTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
+    pass
 
 
 def _opener(read_timeout: float) -> urllib.request.OpenerDirector:
