@@ -3,7 +3,7 @@
 ``EpochProgress`` draws one epoch of training: click's bar and position, then the ETA (the mean time per step
 so far times the steps left), running loss, samples/s and elapsed time. Not on a terminal, it writes a plain line every
 ``every_s`` seconds and one at the end of the epoch, so a log shows steady progress without any redrawing.
-``DownloadProgress`` does the same for a file download (bytes, percent, rate).
+``DownloadProgress`` does the same for a file download (the mirror tried, bytes, percent, rate, verified).
 """
 
 from __future__ import annotations
@@ -75,14 +75,26 @@ class EpochProgress:
 
 
 class DownloadProgress:
-    """``(received, total)`` callback for a download: a redrawn line on a terminal, else a line at the start,
-    every ``every_s`` seconds and at the end. ``total`` is None when the server does not say."""
+    """``(received, total, done)`` callback for a verified download: a redrawn line on a terminal, else a
+    line at the start, every ``every_s`` seconds and at the end (``done``: the file is complete and its
+    SHA-256 verified). ``total`` is None when the server does not say. ``source(url)`` names each mirror
+    as it is tried, on a line of its own."""
 
     def __init__(self, name: str, stream: Any = None, every_s: float = 5.0) -> None:
         self.name = name
         self.stream = stream if stream is not None else sys.stderr
         self.tty = _is_tty(self.stream)
         self.every_s = 0.1 if self.tty else every_s
+        self.start = time.perf_counter()
+        self.last = -float("inf")
+        self.finished = False
+        self.redrawing = False  # a terminal line is drawn and not ended yet
+
+    def source(self, url: str) -> None:
+        """An attempt from ``url`` begins (the first or the next mirror): rate and interval start again."""
+        if self.redrawing:  # keep the line where the last mirror stopped
+            self.stream.write("\n")
+        self._write(f"Downloading {url} ...", end=True)
         self.start = time.perf_counter()
         self.last = -float("inf")
         self.finished = False
@@ -94,10 +106,14 @@ class DownloadProgress:
         self.last = now
         rate = received / max(now - self.start, 1e-9)
         size = f"{received / 1e6:.1f} / {total / 1e6:.1f} MB ({received / total:.0%})" if total else f"{received / 1e6:.1f} MB"
-        line = f"Downloading {self.name}: {size}, {rate / 1e6:.1f} MB/s"
+        line = f"Downloading {self.name}: {size}, {rate / 1e6:.1f} MB/s" + (", SHA-256 verified" if done else "")
+        self._write(line, end=done)
+        self.finished = done
+
+    def _write(self, line: str, end: bool) -> None:
         if self.tty:
-            self.stream.write("\r" + line + ("\n" if done else ""))
+            self.stream.write("\r" + line + ("\n" if end else ""))
+            self.redrawing = not end
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
-        self.finished = done

@@ -399,6 +399,29 @@ def test_download_shows_a_progress_line(server: types.SimpleNamespace, isolated:
     assert f"Downloading mnist/{TEST_FILES[1]}" in err
 
 
+def test_download_progress_on_a_terminal_keeps_each_mirror_on_its_own_line() -> None:
+    import io
+
+    from minitorch_peft.progress import DownloadProgress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    shown = DownloadProgress("mnist/f.gz", stream=out)
+    shown.source("http://a/f.gz")
+    shown(1_000_000, 3_000_000)  # the first mirror stops part-way
+    shown.source("http://b/f.gz")
+    shown(3_000_000, 3_000_000, True)
+    lines = out.getvalue().split("\n")
+    assert lines[0] == "\rDownloading http://a/f.gz ..."
+    assert re.fullmatch(r"\rDownloading mnist/f\.gz: 1\.0 / 3\.0 MB \(33%\), [\d.]+ MB/s", lines[1]), lines
+    assert lines[2] == "\rDownloading http://b/f.gz ..."
+    assert re.fullmatch(r"\rDownloading mnist/f\.gz: 3\.0 / 3\.0 MB \(100%\), [\d.]+ MB/s, SHA-256 verified", lines[3]), lines
+    assert lines[4:] == [""]
+
+
 def test_download_uses_module_mirrors(server: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
     monkeypatch.setitem(dl.MIRRORS, "fashion-mnist", (server.url("good", "fashion-mnist"),))
     _, y = load_mnist_like("fashion-mnist", "test")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import sys
 import tempfile
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -118,16 +117,6 @@ def _open(request: urllib.request.Request, timeout: tuple[float, float]) -> Any:
     return _opener(timeout[1]).open(request, timeout=timeout[0])
 
 
-def _progress(line: str, end: bool = False) -> None:
-    """The download's progress on stderr: redrawn in place on a terminal, a line at start and end otherwise."""
-    tty = sys.stderr.isatty()
-    if tty:
-        sys.stderr.write("\r" + line + ("\n" if end else ""))
-    elif end or line.startswith("Downloading"):
-        sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def download_file(
     filename: str,
     folder: str | os.PathLike[str],
@@ -140,14 +129,16 @@ def download_file(
 
     ``timeout``: (connect, read) seconds, or one number for both. Each mirror that fails (refused,
     silent, cut off, wrong hash) is reported in the final error if every mirror fails.
-    `progress(received_bytes, total_bytes_or_None, done)` is called as the bytes arrive; by default a
-    progress line on stderr (`minitorch_peft.progress.DownloadProgress`).
+    `progress(received_bytes, total_bytes_or_None, done)` is called as the bytes arrive, with ``done``
+    once the file is verified; by default a progress line on stderr that also names each mirror as it
+    is tried (`minitorch_peft.progress.DownloadProgress`).
     """
     folder = Path(folder)
+    shown: Any = None  # the default display, told of each mirror as it is tried
     if progress is None:
         from ..progress import DownloadProgress
 
-        progress = DownloadProgress(f"{folder.name}/{filename}")
+        progress = shown = DownloadProgress(f"{folder.name}/{filename}")
     dest = folder / filename
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,6 +148,8 @@ def download_file(
     for base in mirrors:
         url = base if base.endswith("/") else base + "/"
         url += filename
+        if shown is not None:
+            shown.source(url)
         try:
             _fetch_verified(url, dest, sha256, timeout if isinstance(timeout, tuple) else (timeout, timeout), progress)
             return dest
@@ -179,7 +172,6 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, flo
         digest = hashlib.sha256()
         size = 0
         request = urllib.request.Request(url, headers={"User-Agent": "minitorch_peft"})
-        _progress(f"Downloading {url} ...")
         with os.fdopen(fd, "wb") as out, _open(request, timeout) as response:
             length = getattr(response, "headers", None) and response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
@@ -190,7 +182,6 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, flo
                     raise _MirrorFailed(f"{url}: more than {MAX_BYTES} bytes, not the expected file")
                 digest.update(chunk)
                 out.write(chunk)
-                _progress(f"  {dest.name}: {size / 1e6:.1f}" + (f" of {total / 1e6:.1f}" if total else "") + " MB")
         got = digest.hexdigest()
         if got != sha256:
             raise _MirrorFailed(
@@ -198,7 +189,6 @@ def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, flo
             )
         progress(size, total, True)
         os.replace(tmp, dest)  # atomic: readers see either no file or the verified one
-        _progress(f"  {dest.name}: {size / 1e6:.1f} MB, SHA-256 verified", end=True)
     except BaseException:
         # Also on Ctrl-C: never leave a partial or unverified file behind.
         tmp.unlink(missing_ok=True)
