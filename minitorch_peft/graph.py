@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .tensor import Tensor
+from .tensor import Tensor, postorder
 
 __all__ = ["Saved", "format_graph", "graph_nodes", "leaf_kind", "name_map", "saved_arrays", "to_dot"]
 
@@ -89,22 +89,7 @@ def _held_base(ctx: Any) -> Any:
 
 def graph_nodes(root: Tensor) -> list[Tensor]:
     """Every tensor the graph behind ``root`` reaches (through all inputs, frozen ones too), inputs first."""
-    order: list[Tensor] = []
-    seen: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.append((node, True))
-        for p in reversed(_parents(node)):
-            if id(p) not in seen:
-                stack.append((p, False))
-    return order
+    return postorder(root, lambda node: reversed(_parents(node)))  # reversed: the first input comes first
 
 
 def _parents(node: Tensor) -> tuple[Tensor, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -45,6 +45,32 @@ class _ReleasedNode:
 
 
 _RELEASED = _ReleasedNode()
+
+
+def postorder(root: "Tensor", inputs: Callable[["Tensor"], Iterable["Tensor"]]) -> list["Tensor"]:
+    """Every node reachable from ``root`` through ``inputs(node)``, each after all of its inputs
+    (depth first; among one node's inputs the last is visited first)."""
+    order: list[Tensor] = []
+    seen: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:  # iterative DFS: deep graphs must not hit Python's recursion limit
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        stack.extend((p, False) for p in inputs(node) if id(p) not in seen)
+    return order
+
+
+def _grad_inputs(node: "Tensor") -> Iterable["Tensor"]:
+    """The inputs of ``node``'s op that a gradient flows to."""
+    if node._ctx is None:
+        return ()
+    return (p for p in node._ctx.parents if p is not None and p.requires_grad)
 
 
 class Tensor:
@@ -116,20 +142,7 @@ class Tensor:
 
     def _topological_order(self) -> list["Tensor"]:
         """Nodes reachable from self that require grad, each after every node that uses it."""
-        order: list[Tensor] = []
-        seen: set[int] = set()
-        stack: list[tuple[Tensor, bool]] = [(self, False)]
-        while stack:  # iterative DFS: deep graphs must not hit Python's recursion limit
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
-                continue
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            stack.append((node, True))
-            if node._ctx is not None:
-                stack.extend((p, False) for p in node._ctx.parents if p is not None and p.requires_grad and id(p) not in seen)
+        order = postorder(self, _grad_inputs)
         order.reverse()
         return order
 
