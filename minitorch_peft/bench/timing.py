@@ -52,21 +52,25 @@ class Block:
     pool: str | None = None
 
 
+def run_calls(fn: Case, n: int, sync: Callable[[], None] | None = None) -> float:
+    """Call ``fn`` ``n`` times, then ``sync`` (if any); return the seconds that took, sync included.
+
+    The one timed loop of the benchmark, for local blocks and for a worker's (``worker.Side``)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t0
+
+
 def local_block(fn: Case, warmup: int, sync: Callable[[], None] | None = None, pool: str | None = None) -> Block:
     """A case run in this process: ``warmup`` calls first; each block timed with ``sync`` at its end."""
     def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if sync is not None:
-            sync()
-        return (time.perf_counter() - t0) * 1e3 / n
+        return run_calls(fn, n, sync) * 1e3 / n
 
     def warm() -> None:
-        for _ in range(warmup):
-            fn()
-        if sync is not None:
-            sync()
+        run_calls(fn, warmup, sync)
     return Block(run, warm, pool)
 
 

@@ -21,12 +21,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import traceback
 from typing import Any, Callable
 
 from ..errors import MinitorchPeftError
 from ..kernels.threads import DEFAULT_SIZE_POLICY
+from .timing import run_calls
 
 SIDES = ("ours", "torch")
 
@@ -60,23 +60,12 @@ class Side:
                 "torch_imported": "torch" in sys.modules}
 
     def op_warmup(self, case: str, n: int) -> None:
-        fn = self.cases[case]
-        for _ in range(n):
-            fn()
-        sync = self.syncs.get(case)
-        if sync is not None:
-            sync()
+        run_calls(self.cases[case], n, self.syncs.get(case))
 
     def op_run(self, case: str, n: int) -> float:
         """Milliseconds per call over ``n`` calls (the sync, if any, timed with them)."""
-        fn, sync = self.cases[case], self.syncs.get(case)
         gc.collect(1)  # the young generations, untimed: garbage the last block left is not this block's cost
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if sync is not None:
-            sync()
-        return (time.perf_counter() - t0) * 1e3 / n
+        return run_calls(self.cases[case], n, self.syncs.get(case)) * 1e3 / n
 
     def op_clear(self) -> None:
         self.cases.clear()
