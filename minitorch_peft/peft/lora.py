@@ -29,6 +29,13 @@ def make_update(name: str, config: LoraConfig) -> LoRAUpdate:
     return (DoRAUpdate if config.use_dora else LoRAUpdate)(name, config)
 
 
+def layer_config(r: int, alpha: float, dropout: float, use_rslora: bool, init: str, use_dora: bool = False) -> LoraConfig:
+    """The LoraConfig a layer's short keywords stand for (``alpha``, ``dropout`` and ``init`` are PEFT's
+    ``lora_alpha``, ``lora_dropout`` and ``init_lora_weights``)."""
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
+                      init_lora_weights=init)
+
+
 class LoRALinear(Module):
     """A Linear whose ``weight``/``bias`` are frozen and whose output gains the active adapter's update."""
 
@@ -48,8 +55,7 @@ class LoRALinear(Module):
     ) -> None:
         base = Linear(in_features, out_features, bias=bias, dtype=dtype, backend=backend)
         self._init_from(base)
-        self.add_adapter(adapter_name, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                  use_rslora=use_rslora, init_lora_weights=init))
+        self.add_adapter(adapter_name, layer_config(r, alpha, dropout, use_rslora, init))
 
     @classmethod
     def from_linear(
@@ -67,7 +73,7 @@ class LoRALinear(Module):
         layer = cls.__new__(cls)
         layer._init_from(linear)
         if config is None:
-            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, init_lora_weights=init)
+            config = layer_config(r, alpha, dropout, use_rslora, init)
         layer.add_adapter(adapter_name, config)
         return layer
 

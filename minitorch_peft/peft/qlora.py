@@ -33,7 +33,7 @@ from ..nn.layers import Linear
 from ..nn.module import Module, Parameter, StateDictError
 from ..tensor import Tensor
 from .config import AdapterError, LoraConfig
-from .lora import LoRALinear
+from .lora import LoRALinear, layer_config
 from .weights import PackedWeight
 
 __all__ = ["QLoRALinear", "QuantizedWeight", "base_weight_nbytes", "quantized_layers"]
@@ -112,8 +112,7 @@ class QLoRALinear(LoRALinear):
     ) -> None:
         base = Linear(in_features, out_features, bias=bias, dtype=dtype, backend=backend)
         self._init_quantized(base, quant_type, double_quant, block_size)
-        self.add_adapter(adapter_name, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                                  use_dora=use_dora, init_lora_weights=init))
+        self.add_adapter(adapter_name, layer_config(r, alpha, dropout, use_rslora, init, use_dora))
 
     @classmethod
     def from_linear(
@@ -137,8 +136,7 @@ class QLoRALinear(LoRALinear):
         size, or a weight holding NaN / Inf, before anything is changed.
         """
         if config is None:
-            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
-                                init_lora_weights=init)
+            config = layer_config(r, alpha, dropout, use_rslora, init, use_dora)
         layer = cls.__new__(cls)
         layer._init_quantized(linear, quant_type, double_quant, block_size)
         layer.add_adapter(adapter_name, config)
