@@ -274,6 +274,17 @@ class QuantState:
                 raise ValueError("corrupted quant state: absmax_codes holds a byte > 254")
         return self
 
+    def with_double_quant(self, codes: Any, scale: Any, offset: Any) -> "QuantState":
+        """This state with its absmax stored as the double-quant triple (codes, scales, 0-d offset)."""
+        return QuantState(
+            shape=self.shape,
+            quant_type=self.quant_type,
+            block_size=self.block_size,
+            absmax_codes=codes,
+            absmax_scale=scale,
+            absmax_offset=offset,
+        )
+
     def map_arrays(self, fn) -> "QuantState":
         """A copy with ``fn`` applied to every live array (e.g. ``cupy.asarray`` / ``cupy.asnumpy``)."""
         def f(a):
@@ -581,14 +592,7 @@ def _double_quantize(state: QuantState) -> QuantState:
     codes = np.empty(nb, dtype=np.uint8)
     scale = np.empty(_n_blocks(nb, DQ_BLOCK_SIZE), dtype=np.float32)
     _quantize8_kernel(absmax, offset, DQ_BLOCK_SIZE, _DQ8_THR, codes, scale)
-    return QuantState(
-        shape=state.shape,
-        quant_type=state.quant_type,
-        block_size=state.block_size,
-        absmax_codes=codes,
-        absmax_scale=scale,
-        absmax_offset=np.array(offset, dtype=np.float32),
-    )
+    return state.with_double_quant(codes, scale, np.array(offset, dtype=np.float32))
 
 
 def dequantize_absmax(state: QuantState) -> np.ndarray:

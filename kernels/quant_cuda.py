@@ -292,14 +292,7 @@ def _double_quantize(state: QuantState, xp) -> QuantState:
             k["dq_codes"], nb, _in(xp, absmax), nb, offset, _log2(DQ_BLOCK_SIZE), _in(xp, scale),
             _table(xp, "dq8_thr", DQ8_THRESHOLDS), codes,
         )
-    return QuantState(
-        shape=state.shape,
-        quant_type=state.quant_type,
-        block_size=state.block_size,
-        absmax_codes=codes,
-        absmax_scale=scale,
-        absmax_offset=xp.asarray(np.array(offset, dtype=np.float32)),
-    )
+    return state.with_double_quant(codes, scale, xp.asarray(np.array(offset, dtype=np.float32)))
 
 
 def dequantize_absmax(state: QuantState):
