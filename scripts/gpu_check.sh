@@ -159,6 +159,8 @@ EOF
 # within SECS: a setup step's timeout, so that the whole setup stays within its SETUP_BUDGET
 SETUP_BUDGET=60
 within() { local l=$((SETUP_END - SECONDS)); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt "$(left)" ] || l=$(left); [ "$l" -lt 1 ] && l=1; echo "$l"; }
+# setup_failed DETAIL: the setup fails (its seconds counted from setup's t0) and the run stops
+setup_failed() { record FAIL setup $((SECONDS - t0)) "$1"; finish; }
 
 setup() {
     local t0=$SECONDS missing bad
@@ -175,8 +177,7 @@ print(" ".join(miss))
 EOF
     ) || missing="(the module check itself failed: $PY)"
     if [ -n "$missing" ]; then
-        record FAIL setup $((SECONDS - t0)) "missing on this machine (not carried; install cupy-cuda13x, numba, numba-cuda there): $missing"
-        finish
+        setup_failed "missing on this machine (not carried; install cupy-cuda13x, numba, numba-cuda there): $missing"
     fi
     # 2. the carried pure-Python wheels, into a private folder first on sys.path (the versions tested here)
     if compgen -G ".whl/*.whl" > /dev/null; then
@@ -202,8 +203,7 @@ print("; ".join(bad))
 EOF
     ) || bad="(the import check itself failed; see imports.log in logs.tar.gz)"
     if [ -n "$bad" ]; then
-        record FAIL setup $((SECONDS - t0)) "cannot import: $bad - run 'bash scripts/gpu_check.sh --prepare' where the tests pass and carry $CARRY"
-        finish
+        setup_failed "cannot import: $bad - run 'bash scripts/gpu_check.sh --prepare' where the tests pass and carry $CARRY"
     fi
     HYPOTHESIS="ok"
     if ! hyp=$(timeout "$(within 15)" "$PY" -c "import hypothesis" 2>&1); then
@@ -214,15 +214,13 @@ EOF
     local f
     for f in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz; do
         if [ ! -f ".gpu-data/mnist/$f" ]; then
-            record FAIL setup $((SECONDS - t0)) "no .gpu-data/mnist/$f - run 'bash scripts/gpu_check.sh --prepare' here and carry $CARRY"
-            finish
+            setup_failed "no .gpu-data/mnist/$f - run 'bash scripts/gpu_check.sh --prepare' here and carry $CARRY"
         fi
     done
     # 5. every test module imports with what is here (pytest itself, its plugins, hypothesis or not)
     if ! timeout "$(within 40)" "$PY" -m pytest --collect-only -q -p no:cacheprovider tests > "$WORK/collect.log" 2>&1; then
-        record FAIL setup $((SECONDS - t0)) "test collection: $(first_line 'ERROR|Error|error' "$WORK/collect.log") (collect.log in logs.tar.gz)"
         cp "$WORK/collect.log" "$OUT/pytest-cupy.log" 2> /dev/null
-        finish
+        setup_failed "test collection: $(first_line 'ERROR|Error|error' "$WORK/collect.log") (collect.log in logs.tar.gz)"
     fi
     # 6. what runs where, for the note
     {
