@@ -89,14 +89,51 @@ def rowdot(p: np.ndarray, q: np.ndarray, axis: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- relu
 
 
+# NumPy's maximum and the bool-mask product take ~1.3 ns a value here (46 and 38 us for a 64 x 512
+# activation); one Numba pass takes 9 and 13 us. Same values bit for bit: NaN passes the forward, and the
+# backward multiplies by 1 or 0 as the mask does (so -0.0 and NaN come out where NumPy's would).
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _relu(x, out):  # pragma: no cover - JIT
+    xf, of = x.reshape(-1), out.reshape(-1)
+    zero = x.dtype.type(0)
+    for i in range(xf.size):
+        v = xf[i]
+        of[i] = v if (v > zero or v != v) else zero
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _relu_grad(g, y, out):  # pragma: no cover - JIT
+    gf, yf, of = g.reshape(-1), y.reshape(-1), out.reshape(-1)
+    one, zero = g.dtype.type(1), g.dtype.type(0)
+    for i in range(gf.size):
+        of[i] = gf[i] * (one if yf[i] > zero else zero)
+
+
+def _fused(*arrays: np.ndarray) -> bool:
+    """Whether the one-pass kernels apply: C-contiguous float arrays of one shape and dtype."""
+    a = arrays[0]
+    return a.dtype.kind == "f" and all(
+        b.flags.c_contiguous and b.shape == a.shape and b.dtype == a.dtype for b in arrays)
+
+
 def relu_forward(x: np.ndarray) -> np.ndarray:
     """y = max(x, 0)."""
-    return np.maximum(x, 0)
+    if not _fused(x):
+        return np.maximum(x, 0)
+    out = np.empty_like(x)
+    _relu(x, out)
+    return out
 
 
 def relu_backward(g: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dx = g * [y > 0]."""
-    return g * (y > 0)
+    if not _fused(g, y):
+        return g * (y > 0)
+    out = np.empty_like(g)
+    _relu_grad(g, y, out)
+    return out
 
 
 # ------------------------------------------------------------------------------------ cross-entropy

@@ -125,6 +125,7 @@ class World:
         self.calls = 0  # collectives started so far (the same count on every rank while in step)
         self.state = "running"  # -> "done" (finalize at exit) or "failed" (say goodbye to the live ranks, exit)
         self.alive: list[int] = []
+        self.peer_failed = False  # the launcher said a rank died (``_hear_failures``)
 
     @classmethod
     def start(cls, timeout: float = DEFAULT_TIMEOUT, transport: str = "auto", log_all_ranks: bool = False) -> "World":
@@ -142,7 +143,30 @@ class World:
             raise DistributedError(f"--distributed: mpi4py cannot load an MPI library ({e}): {EXTRA}") from None
         world = cls(MPI.COMM_WORLD, MPI, timeout, transport, log_all_ranks)
         atexit.register(world._at_exit)
+        world._hear_failures()
         return world
+
+    def _hear_failures(self) -> None:
+        """Turn the launcher's "a rank failed" signal into a roll call at the next wait.
+
+        MPICH's Hydra, run as ``mpiexec -disable-auto-cleanup``, keeps the job going when a rank dies and sends
+        SIGUSR1 to the others, whose default action is to end the process without a word. Caught here, it only
+        sets a flag: the wait in progress (or the next one) calls the roll at once, so every surviving rank
+        prints its line naming the dead one. (Without that flag Hydra kills the other ranks itself with
+        SIGKILL, which no process can catch, and prints its own report naming the rank that died.)
+        """
+        import signal
+
+        if not hasattr(signal, "SIGUSR1") or signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL:
+            return  # not POSIX, or a handler is there already (Python's or the MPI library's): leave it
+
+        def heard(_sig: int, _frame: Any) -> None:
+            self.peer_failed = True
+
+        try:
+            signal.signal(signal.SIGUSR1, heard)
+        except ValueError:  # not the main thread
+            pass
 
     @property
     def library(self) -> str:
@@ -160,48 +184,63 @@ class World:
     # ------------------------------------------------------------------------------ the bounded wait
 
     def wait(self, request: Any, what: str) -> None:
-        """Poll ``request`` until it completes; past the time bound, or when another rank calls the roll,
-        call the roll and raise ``DistributedError`` naming the ranks that did not answer."""
-        if request.Test():
-            return
+        """Poll ``request`` until it completes; past the time bound, when another rank calls the roll, when the
+        launcher says a rank died, or when MPI reports an error, call the roll and raise ``DistributedError``
+        naming the ranks that did not answer."""
         start = time.perf_counter()
-        spin_until, pause, next_probe = start + 2e-4, 2e-5, start + 0.01
-        while True:
-            now = time.perf_counter()
-            if now >= spin_until:  # past a short spin, sleep between polls (the other rank may share this core)
-                time.sleep(pause)
-                pause = min(pause * 2, 1e-3)
+        try:
             if request.Test():
                 return
-            now = time.perf_counter()
-            if now - start > self.timeout:
-                break
-            if now >= next_probe:
-                next_probe = now + 0.01
-                if self.ctrl.Iprobe(source=self.MPI.ANY_SOURCE, tag=_ROLL):
-                    break  # a rank gave up waiting: join its roll call now rather than at our own bound
+            spin_until, pause, next_probe = start + 2e-4, 2e-5, start + 0.01
+            while not self.peer_failed:
+                now = time.perf_counter()
+                if now >= spin_until:  # past a short spin, sleep between polls (the other rank may share this core)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1e-3)
+                if request.Test():
+                    return
+                now = time.perf_counter()
+                if now - start > self.timeout:
+                    break
+                if now >= next_probe:
+                    next_probe = now + 0.01
+                    if self.ctrl.Iprobe(source=self.MPI.ANY_SOURCE, tag=_ROLL):
+                        break  # a rank gave up waiting: join its roll call now rather than at our own bound
+        except self.MPI.Exception:  # the MPI library saw a peer fail (a broken connection): find out who
+            pass
         self._roll_call(what, time.perf_counter() - start)
 
     def _roll_call(self, what: str, waited: float) -> None:
         """Tell every rank this one is alive and at collective ``self.calls``; hear who else is; raise."""
         mine = np.array([self.rank, self.calls], dtype=np.int64)
-        sends = [self.ctrl.Isend(mine, dest=r, tag=_ROLL) for r in range(self.size) if r != self.rank]
+        sends = []
+        for r in range(self.size):
+            if r != self.rank:
+                try:
+                    sends.append(self.ctrl.Isend(mine, dest=r, tag=_ROLL))
+                except self.MPI.Exception:  # that rank's connection is gone: it will not answer
+                    pass
         heard = {self.rank: self.calls}
         status, got = self.MPI.Status(), np.empty(2, dtype=np.int64)
         deadline = time.perf_counter() + self.timeout  # a live rank answers within one step (or one evaluation)
         while len(heard) < self.size and time.perf_counter() < deadline:
-            while self.ctrl.Iprobe(source=self.MPI.ANY_SOURCE, tag=_ROLL, status=status):
-                self.ctrl.Recv(got, source=status.Get_source(), tag=_ROLL)
-                heard[int(got[0])] = int(got[1])
+            try:
+                while self.ctrl.Iprobe(source=self.MPI.ANY_SOURCE, tag=_ROLL, status=status):
+                    self.ctrl.Recv(got, source=status.Get_source(), tag=_ROLL)
+                    heard[int(got[0])] = int(got[1])
+            except self.MPI.Exception:
+                pass
             time.sleep(1e-3)
         del sends  # small messages: sent eagerly; a dead peer never receives, and that is fine
         self.state, self.alive = "failed", sorted(r for r in heard if r != self.rank)
         stopped = [r for r in range(self.size) if r not in heard]
         if stopped:
             who = f"rank {stopped[0]}" if len(stopped) == 1 else f"ranks {', '.join(map(str, stopped))}"
+            why = ("the launcher reported a rank failed" if self.peer_failed else
+                   f"rank {self.rank} waited {waited:.0f} s for {what} (--dist-timeout {self.timeout:g})")
             raise DistributedError(
-                f"{who} of {self.size} stopped: rank {self.rank} waited {waited:.0f} s for {what} (--dist-timeout "
-                f"{self.timeout:g}) and {'it' if len(stopped) == 1 else 'they'} did not answer the roll call; ending every rank"
+                f"{who} of {self.size} stopped: {why} and {'it' if len(stopped) == 1 else 'they'} did not answer "
+                f"the roll call of rank {self.rank}; ending every rank"
             )
         places = ", ".join(f"rank {r} at #{c}" for r, c in sorted(heard.items()))
         raise DistributedError(f"the ranks are out of step (collectives: {places}) while rank {self.rank} waited for {what}")

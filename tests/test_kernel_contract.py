@@ -141,3 +141,27 @@ def test_dora_does_not_import_lora() -> None:
     tree = ast.parse((ROOT / "minitorch_peft" / "peft" / "dora.py").read_text())
     runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not [ast.unparse(n) for n in runtime if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("lora")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cpu_relu_kernels_match_numpy_bit_for_bit(dtype: str) -> None:
+    """The one-pass Numba ReLU gives NumPy's values exactly: NaN passes, -0.0 and the mask's 0 * inf = NaN
+    come out as NumPy's do; a strided view takes the NumPy path."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    special = [np.nan, -0.0, 0.0, np.inf, -np.inf, -1e-300, 1e-300, -5.0]
+    for shape in [(64, 512), (3,), (2, 3, 4), (0, 5)]:
+        x = rng.standard_normal(shape).astype(dtype)
+        g = rng.standard_normal(shape).astype(dtype)
+        if x.size >= 8:
+            x.reshape(-1)[:8] = special
+            g.reshape(-1)[:8] = special[::-1]
+        y = cpu.relu_forward(x)
+        assert y.dtype == x.dtype and np.array_equal(y.view(np.uint8), np.maximum(x, 0).view(np.uint8))
+        with np.errstate(invalid="ignore"):
+            want = g * (y > 0)
+        assert np.array_equal(cpu.relu_backward(g, y).view(np.uint8), want.view(np.uint8))
+    strided = rng.standard_normal((7, 5)).astype(dtype).T
+    assert np.array_equal(cpu.relu_forward(strided), np.maximum(strided, 0))
+    assert np.array_equal(cpu.relu_backward(strided, strided), strided * (strided > 0))
