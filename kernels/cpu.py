@@ -111,7 +111,7 @@ def _relu_grad(g, y, out):  # pragma: no cover - JIT
         of[i] = gf[i] * (one if yf[i] > zero else zero)
 
 
-def _fused(*arrays: np.ndarray) -> bool:
+def _one_pass(*arrays: np.ndarray) -> bool:
     """Whether the one-pass kernels apply: C-contiguous float arrays of one shape and dtype."""
     a = arrays[0]
     return a.dtype.kind == "f" and all(
@@ -120,7 +120,7 @@ def _fused(*arrays: np.ndarray) -> bool:
 
 def relu_forward(x: np.ndarray) -> np.ndarray:
     """y = max(x, 0)."""
-    if not _fused(x):
+    if not _one_pass(x):
         return np.maximum(x, 0)
     out = np.empty_like(x)
     _relu(x, out)
@@ -129,7 +129,7 @@ def relu_forward(x: np.ndarray) -> np.ndarray:
 
 def relu_backward(g: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dx = g * [y > 0]."""
-    if not _fused(g, y):
+    if not _one_pass(g, y):
         return g * (y > 0)
     out = np.empty_like(g)
     _relu_grad(g, y, out)

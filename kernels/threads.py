@@ -12,10 +12,13 @@ each cell over the policy column, lower is faster):
     2 threads, every matmul         0.60 / 0.58  1.00 / 0.94  0.84 / 0.98 0.92 / 0.90 0.96 / 0.97 0.98 / 1.00
     2 threads, small on 1 (policy)  1.00         1.00         1.00        1.00        1.00        1.00
 
-OpenBLAS already keeps a small product on one thread by itself, and changing its thread count between
-calls costs more than it saves (the medium full step: 53-61 ms with the policy, 31-33 ms without). So by
-default every product gets the budget and BLAS decides; ``set_threads(n, size_policy=True)`` (and the
-thread table) keep the alternative measurable.
+Changing OpenBLAS's thread count between calls cost more than running the small products on one thread
+saved (the medium full step: 53-61 ms with the policy, 31-33 ms without). So by default every product gets
+the budget and BLAS decides; ``set_threads(n, size_policy=True)`` (and the thread table) keep the alternative
+measurable. On a busy machine the picture turns: with one competing process (``--load 1``) one thread was
+3-17x faster than two (an epoch of LoRA 3.7 s against 62 s), as the split waits for a worker thread that has
+lost its core; that is what ``--threads 1`` is for. The default does not switch by itself, because the
+thread count changes BLAS's rounding and so a run's bytes.
 
 This is the only module besides ``cpu`` that knows a BLAS library is there. Without threadpoolctl every
 function here does nothing and BLAS keeps its own choice.

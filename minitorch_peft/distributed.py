@@ -151,9 +151,10 @@ class World:
 
         MPICH's Hydra, run as ``mpiexec -disable-auto-cleanup``, keeps the job going when a rank dies and sends
         SIGUSR1 to the others, whose default action is to end the process without a word. Caught here, it only
-        sets a flag: the wait in progress (or the next one) calls the roll at once, so every surviving rank
-        prints its line naming the dead one. (Without that flag Hydra kills the other ranks itself with
-        SIGKILL, which no process can catch, and prints its own report naming the rank that died.)
+        sets a flag: the wait in progress (or the next one) calls the roll at once, so a surviving rank prints
+        its line naming the dead one (tested with 2 ranks; with 3, Hydra's proxy was seen to SIGKILL the
+        survivors anyway). Without that flag Hydra kills the other ranks itself with SIGKILL, which no
+        process can catch, and prints its own report naming the rank that died.
         """
         import signal
 
