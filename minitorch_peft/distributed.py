@@ -149,17 +149,19 @@ class World:
     def _hear_failures(self) -> None:
         """Turn the launcher's "a rank failed" signal into a roll call at the next wait.
 
-        MPICH's Hydra, run as ``mpiexec -disable-auto-cleanup``, keeps the job going when a rank dies and sends
-        SIGUSR1 to the others, whose default action is to end the process without a word. Caught here, it only
-        sets a flag: the wait in progress (or the next one) calls the roll at once, so a surviving rank prints
-        its line naming the dead one (tested with 2 ranks; with 3, Hydra's proxy was seen to SIGKILL the
-        survivors anyway). Without that flag Hydra kills the other ranks itself with SIGKILL, which no
-        process can catch, and prints its own report naming the rank that died.
+        MPICH's Hydra, run as ``mpiexec -disable-auto-cleanup``, usually keeps the job going when a rank dies
+        and sends SIGUSR1 to the others. MPICH's own handler (installed by MPI_Init) swallows it, so the
+        survivors would learn nothing until their --dist-timeout ran out. Caught here instead, it only sets a
+        flag: the wait in progress (or the next one) calls the roll at once, so a surviving rank prints its line
+        naming the dead one within the roll call's bound. Hydra does not promise this: its proxy sometimes
+        SIGKILLs the survivors anyway (seen about once in seven runs on a busy machine, more often with 3
+        ranks). Without that flag Hydra always kills the other ranks with SIGKILL, which no process can catch,
+        and prints its own report naming the rank that died.
         """
         import signal
 
         if not hasattr(signal, "SIGUSR1") or signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL:
-            return  # not POSIX, or a handler is there already (Python's or the MPI library's): leave it
+            return  # not POSIX, or the user set a Python handler or SIG_IGN (getsignal does not see C handlers)
 
         def heard(_sig: int, _frame: Any) -> None:
             self.peer_failed = True

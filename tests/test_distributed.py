@@ -267,21 +267,34 @@ def test_killed_rank_ends_the_job_at_once(tmp_path: Path) -> None:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid in /proc (Linux)")
 def test_killed_rank_without_auto_cleanup_every_survivor_names_it(tmp_path: Path) -> None:
     """kill -9 on rank 1 of 2 under ``mpiexec -disable-auto-cleanup`` (MPICH's Hydra): the launcher keeps rank 0
-    alive and sends it SIGUSR1; it calls the roll at once, prints one line naming rank 1 within the bound (the
-    roll call's wait, --dist-timeout 5) and exits non-zero. Without the handler SIGUSR1 would end it silently.
-    (With 3 ranks Hydra's proxy was seen to SIGKILL the survivors too: not tested, as not guaranteed.)"""
+    alive and sends it SIGUSR1; it calls the roll at once, prints one line saying the launcher reported the
+    failure, naming rank 1, within the bound (the roll call's wait, --dist-timeout 5) and exits non-zero.
+    Without our handler MPICH's own swallows the signal and the line says rank 0 waited 5 s instead.
+
+    Hydra sometimes SIGKILLs the survivor anyway (a race in its proxy, about one run in seven on a loaded
+    2-core machine, seen once in CI): mpiexec then returns within a second of the kill with its own report and
+    no line of ours. Such a run proves nothing either way, so it is tried again, up to 4 times."""
     from minitorch_peft.distributed import _is_open_mpi, find_mpiexec
 
     mpiexec = find_mpiexec()
     if mpiexec is None or _is_open_mpi(mpiexec):
         pytest.skip("-disable-auto-cleanup is a flag of MPICH's Hydra launcher")
-    result, seconds = _stop_rank_mid_run(tmp_path, signal.SIGKILL, ["-disable-auto-cleanup"], ranks=2)
+    taken_down = []
+    for attempt in range(4):
+        (tmp_path / str(attempt)).mkdir()
+        result, seconds = _stop_rank_mid_run(tmp_path / str(attempt), signal.SIGKILL, ["-disable-auto-cleanup"])
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        if not lines and seconds < 1.0 and "EXIT STRING: Killed (signal 9)" in result.stdout:
+            taken_down.append(round(seconds, 2))
+            continue
+        break
+    else:
+        pytest.fail(f"Hydra SIGKILLed the surviving rank in all 4 runs (seconds after the kill: {taken_down})")
     assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     want = ("error: rank 1 of 2 stopped: the launcher reported a rank failed and it did not answer the roll call "
-            "of rank {}; ending every rank")
-    assert lines == [want.format(0)], result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "k").exists()
+            "of rank 0; ending every rank")
+    assert lines == [want], (result.returncode, seconds, result.stdout[-1500:], result.stderr)
+    assert "Traceback" not in result.stderr and not (tmp_path / str(attempt) / "k").exists()
     assert seconds < 2 * 5 + 10
 
 
