@@ -424,9 +424,23 @@ def test_bench_under_load_says_so_and_cleans_up(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     load = res["environment"]["load"]
     assert load["processes"] == 1 and len(load["pids"]) == 1 and res["config"]["load"] == 1
+    from minitorch_peft.bench.env import cpu_count
+
+    # both sides get the CPUs the load leaves (the worker reports what it really set)
+    assert res["environment"]["threads"] == max(1, cpu_count() - 1), res["environment"]
+    assert "--load 1" in res["environment"]["threads_source"]
     assert "UNDER LOAD: 1 competing" in proc.stdout and "under a load of 1" in proc.stdout
     assert alive(load["pids"], wait=5) == []
     assert any(t["what"].startswith("slowest round / median, ours train step") for t in res["targets"])
+
+
+def test_threads_under_load_are_the_cpus_the_load_leaves() -> None:
+    from minitorch_peft.bench.runner import BenchConfig
+
+    assert BenchConfig().threads_for(8) == (None, "threadpoolctl, in the worker")
+    assert BenchConfig(load=3).threads_for(8)[0] == 5
+    assert BenchConfig(load=2).threads_for(2)[0] == 1  # never below one thread
+    assert BenchConfig(load=1, threads=2).threads_for(2) == (2, "--threads")  # the user's word wins
 
 
 # ------------------------------------------------------------------------------------ --check

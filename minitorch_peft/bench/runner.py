@@ -2,7 +2,8 @@
 
 Each runtime is measured in a worker process of its own (``worker``): ours in one, PyTorch's in another,
 alternating block by block in the same rounds; this process only coordinates and never imports PyTorch.
-With ``load`` K, K competing CPU-bound processes (``load.BusyLoad``) run for the whole benchmark.
+With ``load`` K, K competing CPU-bound processes (``load.BusyLoad``) run for the whole benchmark, and unless
+``--threads`` says otherwise both sides get the CPUs the load leaves (``threads_for``).
 
 The result is a plain JSON-able dict (``report`` renders it, ``--json`` writes it). Every figure in it is
 measured on live arrays or timed; nothing is estimated from a formula.
@@ -21,7 +22,7 @@ import numpy as np
 from ..backend import get_backend
 from ..errors import ConfigError
 from . import numpy_ref, report, variants
-from .env import environment, load_average
+from .env import cpu_count, environment, load_average
 from .timing import Stats, interleaved_blocks, ratio
 
 FORWARD_VARIANTS = ("full", "lora_unmerged", "lora_merged", "dora", "qlora")
@@ -66,6 +67,19 @@ class BenchConfig:
             raise ConfigError(f"--load must be >= 0, got {self.load}")
 
     # loop sizes: --quick keeps every section but runs short loops
+    def threads_for(self, cpus: int) -> tuple[int | None, str]:
+        """The BLAS / PyTorch thread count of both workers and where it came from.
+
+        Under ``--load K`` without ``--threads``: the ``cpus - K`` CPUs the load leaves (at least 1). A BLAS pool
+        wider than the free cores waits, at every matmul, for a worker thread the load has taken off its core:
+        on the 2-CPU machine one thread was 3-17x faster under --load 1 (thread table, kernels/threads.py).
+        The benchmark knows its own load for certain, so this is a choice made from the flags, not a guess."""
+        if self.threads is not None:
+            return self.threads, "--threads"
+        if self.load:
+            return max(1, cpus - self.load), f"the {cpus} CPU(s) less the --load {self.load}"
+        return None, "threadpoolctl, in the worker"
+
     @property
     def n_forward(self) -> int:
         return self.forward_iters or (100 if self.quick else 1000)
@@ -99,8 +113,9 @@ def run(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         n_train = int(len(load_mnist_like("mnist", "train", cfg.data_dir)[1]))  # missing data fails here, before any work
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="minitorch_peft_bench_"))
-        ours = stack.enter_context(Worker("ours", cfg.threads, backend.name))
-        theirs = stack.enter_context(Worker("torch", cfg.threads, backend.name)) if "torch" in cfg.compare else None
+        threads, _ = cfg.threads_for(cpu_count())
+        ours = stack.enter_context(Worker("ours", threads, backend.name))
+        theirs = stack.enter_context(Worker("torch", threads, backend.name)) if "torch" in cfg.compare else None
         return _run(cfg, backend, ours, theirs, tmp, n_train, log, lambda: stack.enter_context(BusyLoad(cfg.load)))
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -109,7 +124,7 @@ def _run(cfg: BenchConfig, backend: Any, ours: Any, theirs: Any | None, tmp: str
          start_load: Callable[[], Any]) -> dict[str, Any]:
     hello = ours.call("hello")
     threads = hello["blas_policy"]["threads"] or 1
-    source = "--threads" if cfg.threads else "threadpoolctl, in the worker"
+    _, source = cfg.threads_for(cpu_count())
     results: dict[str, Any] = {
         "format": "minitorch_peft-bench",
         "version": 2,

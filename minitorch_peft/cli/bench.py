@@ -23,7 +23,7 @@ from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, wri
 @click.option("--step-iters", type=int, default=None, help="Training steps per variant (default 100; --quick 30).")
 @click.option("--rounds", type=int, default=None, help="Interleaved rounds (default 20; --quick 5).")
 @click.option("--threads", type=int, default=None,
-              help="BLAS / PyTorch threads on both sides (default: every CPU).")
+              help="BLAS / PyTorch threads on both sides (default: every CPU; under --load K, the CPUs the load leaves).")
 @click.option("--load", default=0, show_default=True, type=int,
               help="Start this many competing CPU-bound processes for the whole run (a busy machine, on purpose).")
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False), default=None,
