@@ -93,8 +93,14 @@ class Solo:
     def mean(self, value: float) -> float:
         return value
 
-    def prepare(self, optimizer: Any, model: Any, agreement: dict[str, Any], log: Log = print) -> Any:
+    random_states: list[dict[str, Any]] | None = None  # one process: the run saves the generator's own state
+
+    def prepare(self, optimizer: Any, model: Any, agreement: dict[str, Any], log: Log = print,
+                random_states: list[dict[str, Any]] | None = None) -> Any:
         return optimizer
+
+    def share_random_states(self) -> None:
+        pass
 
     def quiet(self, log: Log) -> Log:
         return log
@@ -126,6 +132,7 @@ class World:
         self.state = "running"  # -> "done" (finalize at exit) or "failed" (say goodbye to the live ranks, exit)
         self.alive: list[int] = []
         self.peer_failed = False  # the launcher said a rank died (``_hear_failures``)
+        self.random_states: list[dict[str, Any]] | None = None  # every rank's generator state (``share_random_states``)
 
     @classmethod
     def start(cls, timeout: float = DEFAULT_TIMEOUT, transport: str = "auto", log_all_ranks: bool = False) -> "World":
@@ -328,12 +335,22 @@ class World:
                 self.shard_weight = n / g
                 yield _rows(xb, start, start + n), _rows(yb, start, start + n)
 
-    def prepare(self, optimizer: Any, model: Any, agreement: dict[str, Any], log: Log = print) -> "DistributedOptimizer":
-        """Check that every rank starts from the same place, then wrap ``optimizer`` to average gradients."""
+    def prepare(self, optimizer: Any, model: Any, agreement: dict[str, Any], log: Log = print,
+                random_states: list[dict[str, Any]] | None = None) -> "DistributedOptimizer":
+        """Check that every rank starts from the same place, then wrap ``optimizer`` to average gradients.
+
+        ``random_states``: a resumed run's saved generator state of every rank (``share_random_states``), so
+        that each rank's dropout masks go on where they stopped; without them (a new run, or a run saved with
+        another number of ranks) each rank gets its stream from the seed."""
         self.agree({**agreement, "weights": weights_digest(model), "world": {"timeout": self.timeout,
                                                                               "transport": self.transport}})
         wrapped = DistributedOptimizer(optimizer, self, self.transport)
-        self.seed_dropout(agreement.get("config", {}).get("seed", 0))
+        if random_states is not None and len(random_states) == self.size:
+            from .random import generator
+
+            generator().bit_generator.state = random_states[self.rank]
+        else:
+            self.seed_dropout(agreement.get("config", {}).get("seed", 0))
         log(f"\n🌐 Data parallel: {self.size} rank{'s' if self.size > 1 else ''} ({self.library}); all-reduce over {wrapped.transport}: "
             f"{wrapped.buffer.size:,} {np.dtype(wrapped.buffer.dtype).name} = {wrapped.nbytes:,} bytes per step, "
             f"one call; bounded wait {self.timeout:g} s")
@@ -347,6 +364,14 @@ class World:
         if problem is not None:
             self.state, self.alive = "failed", [r for r in range(self.size) if r != self.rank]
             raise DistributedError(problem)
+
+    def share_random_states(self) -> None:
+        """Gather every rank's generator state (dropout masks) into ``random_states``, so that a save made by
+        rank 0 holds them all and a resumed run continues each rank's stream (``prepare``)."""
+        from .random import generator
+
+        payload = json.dumps(generator().bit_generator.state).encode()
+        self.random_states = [json.loads(b) for b in self.allgather_bytes(payload, "the random states")]
 
     def seed_dropout(self, seed: int) -> None:
         """Give each rank other than 0 its own random stream (dropout masks), once the weights are built:

@@ -42,6 +42,7 @@ class RunState:
     optimizer: dict[str, Any] = field(default_factory=dict)
     optimizer_arrays: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] | None = None
+    rng_ranks: list[dict[str, Any]] | None = None  # data parallel: every rank's generator state, rank order
     source: str = ""
 
     def restore(self, optimizer: Optimizer) -> None:
@@ -83,6 +84,8 @@ def save_run(model: Any, optimizer: Optimizer, path: str | Path, training: dict[
     meta, arrays = optimizer_files(optimizer)
     resume = {"epoch": state.epoch, "optimizer": meta, "rng": generator().bit_generator.state,
               "train_seconds": state.train_seconds, "params": state.counts}
+    if state.rng_ranks is not None:
+        resume["rng_ranks"] = state.rng_ranks
     extra = {"training": {**training, "test_accuracy": state.accuracies}, "resume": resume}
     files = {OPTIMIZER_FILE: arrays, HISTORY_FILE: {"loss_per_step": np.asarray(state.losses, dtype=np.float64)}}
     return save_model(model, path, extra=extra, files=files)
@@ -113,5 +116,21 @@ def read_run(path: str | Path) -> tuple[dict[str, Any], RunState]:
     return training, RunState(
         epoch=epoch, accuracies=[float(a) for a in accuracies], losses=[float(v) for v in losses],
         train_seconds=float(resume.get("train_seconds", 0.0)), counts=dict(resume.get("params") or {}),
-        optimizer=optimizer, optimizer_arrays=load_npz(path / OPTIMIZER_FILE), rng=resume.get("rng"), source=str(path),
+        optimizer=optimizer, optimizer_arrays=load_npz(path / OPTIMIZER_FILE), rng=resume.get("rng"),
+        rng_ranks=_random_states(resume.get("rng_ranks"), path), source=str(path),
     )
+
+
+def _random_states(value: Any, path: Path) -> list[dict[str, Any]] | None:
+    """'resume.rng_ranks' (absent in a one-process run): a list of generator states, one per rank."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise CheckpointError(f"{path}/config.json: 'resume.rng_ranks' must be a list of generator states, one per rank")
+    scratch = generator().bit_generator.__class__()
+    for rank, v in enumerate(value):  # checked here, where every rank reads the same file and fails alike
+        try:
+            scratch.state = v
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}/config.json: bad random generator state of rank {rank} ({e})") from None
+    return value

@@ -369,6 +369,7 @@ def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Back
         batches = world.shard(tensor_batches(data, backend, global_batch, cfg.seed, epoch))
         loss_sum = train_epoch(model, optimizer, batches, show, step_losses if losses is not None else None)
         running = world.mean(float(loss_sum) / steps if loss_sum is not None else 0.0)
+        world.share_random_states()  # a save after this epoch holds every rank's dropout stream
         seconds = time.perf_counter() - epoch_start
         train_time += seconds
         bar.update(steps, data.n_train, running, force=True)
@@ -453,7 +454,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     manual_seed(cfg.seed)
     data = load_data(cfg, backend, log)
     model, optimizer, counts = build_model(cfg, backend, data, log, state if cfg.resume else None)
-    optimizer = world.prepare(optimizer, model, agreement_record(asdict(cfg), data), log)
+    optimizer = world.prepare(optimizer, model, agreement_record(asdict(cfg), data), log, state.rng_ranks)
     state.counts = {k: counts[k] for k in ("baseline", "total", "trainable", "frozen")}
     output = Path(cfg.output)
     best = output.with_name(output.name + "-best")
@@ -463,6 +464,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     def checkpoint(epoch: int, accuracy: float, seconds: float) -> None:
         """--save-every-epoch: the folder holds the last epoch (resumable); OUTPUT-best the best test accuracy."""
         state.epoch, state.train_seconds = epoch, state.train_seconds + seconds
+        state.rng_ranks = world.random_states
         state.accuracies.append(accuracy)
         if cfg.save_every_epoch:
             save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
@@ -482,6 +484,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
         world.finish()
         return None
     if not cfg.save_every_epoch:  # else the last epoch is saved already
+        state.rng_ranks = world.random_states
         save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
     world.finish()
     metrics = report(cfg, backend, counts, state.accuracies, train_time, wall, output,

@@ -188,6 +188,37 @@ def test_cli_two_ranks_match_one_process_and_its_accuracy(tmp_path: Path) -> Non
 @pytest.mark.slow
 @needs_mpi
 @needs_mnist
+def test_resumed_two_rank_run_with_dropout_is_bit_identical(tmp_path: Path) -> None:
+    """2 epochs in one go == 1 epoch, then --resume to 2, under 2 ranks with dropout: every rank's random
+    stream is saved (resume.rng_ranks) and continued, not re-seeded (rank 1's masks would differ)."""
+    train = ["cli.py", "train", "--limit", "650", "--batch-size", "16", "--dropout", "0.1"]
+    straight = mpirun(2, *train, "--epochs", "2", "--output", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    first = mpirun(2, *train, "--epochs", "1", "--output", str(tmp_path / "b"))
+    assert first.returncode == 0, first.stderr
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())["resume"]["rng_ranks"]
+    assert len(saved) == 2 and saved[0] != saved[1]
+    resumed = mpirun(2, "cli.py", "train", "--resume", str(tmp_path / "b"), "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = np.load(tmp_path / "a" / "adapters.npz"), np.load(tmp_path / "b" / "adapters.npz")
+    assert sorted(a.files) == sorted(b.files) and all(a[k].tobytes() == b[k].tobytes() for k in a.files)
+
+
+def test_saved_random_states_are_checked_before_any_rank_uses_them(tmp_path: Path) -> None:
+    from minitorch_peft.random import generator
+    from minitorch_peft.resume import _random_states
+    from minitorch_peft.serialize import CheckpointError
+
+    good = generator().bit_generator.state
+    assert _random_states(None, tmp_path) is None and _random_states([good, good], tmp_path) == [good, good]
+    for bad, what in (({}, "must be a list"), ([], "must be a list"), ([good, {"bit_generator": "PCG64"}], "rank 1")):
+        with pytest.raises(CheckpointError, match=what):
+            _random_states(bad, tmp_path)
+
+
+@pytest.mark.slow
+@needs_mpi
+@needs_mnist
 def test_ranks_that_disagree_stop_with_one_line_each(tmp_path: Path) -> None:
     """MPMD launch: rank 0 with --lr 0.001, rank 1 with --lr 0.01."""
     cmd = mpiexec_command(1)
