@@ -115,22 +115,7 @@ def validate_model_config(config: Any, source: str) -> None:
     active = config.get("active_adapter")
     if active is not None and (not isinstance(active, str) or active not in adapters):
         raise CheckpointError(f"{source}: 'active_adapter' {active!r} is not one of the adapters ({', '.join(adapters)})")
-    quant = config.get("quantization")
-    if quant is not None:
-        from .backend import QUANT_TYPES
-
-        if not isinstance(quant, dict):
-            raise CheckpointError(f"{source}: 'quantization' must be an object or null, got {_type_name(quant)}")
-        unknown = sorted(k for k in quant if k not in ("quant_type", "double_quant", "block_size"))
-        if unknown:
-            raise CheckpointError(f"{source}: 'quantization' has unknown field(s) {', '.join(map(repr, unknown))}")
-        if quant.get("quant_type") not in QUANT_TYPES:
-            raise CheckpointError(f"{source}: 'quantization.quant_type' must be one of {', '.join(QUANT_TYPES)}, got {quant.get('quant_type')!r}")
-        if not isinstance(quant.get("double_quant", True), bool):
-            raise CheckpointError(f"{source}: 'quantization.double_quant' must be true or false, got {quant.get('double_quant')!r}")
-        block = quant.get("block_size", 64)
-        if not (_is_int(block) and 32 <= block <= 4096 and block & (block - 1) == 0):
-            raise CheckpointError(f"{source}: 'quantization.block_size' must be a power of two from 32 to 4096, got {block!r}")
+    validate_quantization(config.get("quantization"), source)
 
 
 def _matches(module: str, target: str) -> bool:
@@ -179,3 +164,22 @@ def check_against_arrays(expected: dict[str, tuple[int, ...]], headers: dict[str
             raise CheckpointError(f"{source}: missing array {key!r} that the config implies")
         if headers[key][0] != shape:
             raise CheckpointError(f"{source}: array {key!r} has shape {headers[key][0]}, the config implies {shape}")
+
+
+def validate_quantization(quant: Any, source: str) -> None:
+    """A saved 'quantization' entry: null, or {"quant_type", "double_quant", "block_size"} with sane values."""
+    if quant is not None:
+        from .backend import QUANT_TYPES
+
+        if not isinstance(quant, dict):
+            raise CheckpointError(f"{source}: 'quantization' must be an object or null, got {_type_name(quant)}")
+        unknown = sorted(k for k in quant if k not in ("quant_type", "double_quant", "block_size"))
+        if unknown:
+            raise CheckpointError(f"{source}: 'quantization' has unknown field(s) {', '.join(map(repr, unknown))}")
+        if quant.get("quant_type") not in QUANT_TYPES:
+            raise CheckpointError(f"{source}: 'quantization.quant_type' must be one of {', '.join(QUANT_TYPES)}, got {quant.get('quant_type')!r}")
+        if not isinstance(quant.get("double_quant", True), bool):
+            raise CheckpointError(f"{source}: 'quantization.double_quant' must be true or false, got {quant.get('double_quant')!r}")
+        block = quant.get("block_size", 64)
+        if not (_is_int(block) and 32 <= block <= 4096 and block & (block - 1) == 0):
+            raise CheckpointError(f"{source}: 'quantization.block_size' must be a power of two from 32 to 4096, got {block!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import numpy as np
@@ -85,6 +86,37 @@ def test_save_pretrained_from_pretrained_round_trip_and_inference_mode(tmp_path)
     again.load_state_dict(base_state)
     trainable = PeftModel.from_pretrained(again, tmp_path / "a", is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] > 0
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_adapters_load_onto_a_float_base_as_4_bit_and_give_the_trained_outputs(tmp_path, use_dora: bool) -> None:
+    """save_pretrained records the 4-bit base ("quantization"); from_pretrained on the float base quantizes it
+    the same way, so QLoRA / QDoRA outputs are bit for bit those of the trained model (on the float base they
+    would differ by the quantization error). A LoRA folder has no such entry (its format is unchanged)."""
+    manual_seed(3)
+    base_state = {k: np.array(v) for k, v in MLP(DIMS).state_dict().items()}
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", use_dora=use_dora)
+    model = trained(get_peft_model(_with(base_state), cfg, quantize="nf4", double_quant=True, block_size=32))
+    x, _ = batch(4)
+    expected = out(model, x)
+    model.save_pretrained(tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
+    assert saved["quantization"] == {"quant_type": "nf4", "double_quant": True, "block_size": 32}
+    loaded = PeftModel.from_pretrained(_with(base_state), tmp_path / "q")
+    assert all(isinstance(getattr(loaded.base_model, n), QLoRALinear) for n in ("fc1", "fc2", "fc3"))
+    np.testing.assert_array_equal(out(loaded, x), expected)
+    float_base = get_peft_model(_with(base_state), cfg)
+    adapters = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    float_base.load_state_dict({**float_base.state_dict(), **adapters})
+    assert all(np.array_equal(float_base.state_dict()[k], v) for k, v in adapters.items())
+    assert not np.array_equal(out(float_base, x), expected)  # what loading without the 4-bit base would give
+
+    trained(get_peft_model(_with(base_state), LoraConfig(r=2))).save_pretrained(tmp_path / "plain")
+    assert "quantization" not in json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    saved["quantization"] = {"quant_type": "int3"}
+    (tmp_path / "q" / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(AdapterError, match="quantization.quant_type"):
+        PeftModel.from_pretrained(_with(base_state), tmp_path / "q")
 
 
 def test_save_pretrained_peft_format_round_trip(tmp_path) -> None:

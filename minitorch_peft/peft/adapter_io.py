@@ -97,12 +97,15 @@ def _check_arrays(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, 
             raise AdapterError(f"{source}: key {k!r} has dtype {arrays[k].dtype}, expected floating point")
 
 
-def _attach(model: Module, name: str, cfg: LoraConfig) -> None:
-    """Put adapter ``name`` into the model: inject into a plain model, add beside existing adapters."""
+def _attach(model: Module, name: str, cfg: LoraConfig, quant: dict[str, Any] | None = None) -> None:
+    """Put adapter ``name`` into the model: inject into a plain model (its targeted base weights in 4 bits
+    if ``quant``, as the adapter was trained), add beside existing adapters (whose base stays as it is)."""
     if name in list_adapters(model):
         raise AdapterError(f"the model already has an adapter named {name!r}")
     if next(lora_layers(model), None) is None:
-        inject_adapters(model, cfg, adapter_name=name)
+        q = quant or {}
+        inject_adapters(model, cfg, adapter_name=name, quantize=q.get("quant_type"),
+                        double_quant=q.get("double_quant", True), block_size=q.get("block_size", 64))
     else:
         add_adapter(model, name, cfg)
 
@@ -140,6 +143,9 @@ def save_adapters(model: Module, path: str | Path, names: list[str] | None = Non
         "method": configs[active]["method"] if active in configs else configs[names[0]]["method"],
         "adapters": configs, "active_adapter": active if active in configs else names[0], "base_shapes": base_shapes,
     }
+    quant = getattr(next(lora_layers(model))[1], "quant_config", None)
+    if callable(quant):  # QLoRA / QDoRA: loading re-creates the 4-bit base the adapters were trained on
+        config["quantization"] = quant()
     path = Path(path)
     with atomic_directory(path) as tmp:
         save_npz(tmp / WEIGHTS_FILE, arrays)
@@ -151,7 +157,9 @@ def load_adapters(model: Module, path: str | Path) -> list[str]:
     """Load the adapters saved in folder ``path`` onto ``model`` (a base, or a model with other adapters).
 
     The base must have the modules and shapes the adapters were made for; returns the loaded names and
-    makes the saved active adapter active.
+    makes the saved active adapter active. Adapters saved from a 4-bit base (QLoRA / QDoRA: the config's
+    "quantization") put a plain base's targeted weights in 4 bits the same way, so the outputs are the
+    ones the adapters were trained with.
     """
     path = Path(path)
     source = str(path / CONFIG_FILE)
@@ -166,13 +174,15 @@ def load_adapters(model: Module, path: str | Path) -> list[str]:
     active = raw.get("active_adapter")
     if active is not None and (not isinstance(active, str) or active not in adapters):
         raise AdapterError(f"{source}: 'active_adapter' {active!r} is not one of the adapters ({', '.join(adapters)})")
-    from ..schema import validate_adapter_entry
+    from ..schema import validate_adapter_entry, validate_quantization
 
-    for n, c in adapters.items():
-        try:
+    quant = raw.get("quantization")  # absent in folders saved before it was recorded, and for a float base
+    try:
+        validate_quantization(quant, source)
+        for n, c in adapters.items():
             validate_adapter_entry(n, c, source)
-        except CheckpointError as e:
-            raise AdapterError(str(e)) from None
+    except CheckpointError as e:
+        raise AdapterError(str(e)) from None
     if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)
                for s in shapes.values()):
         raise AdapterError(f"{source}: 'base_shapes' must map module names to [out, in] positive integers")
@@ -195,7 +205,7 @@ def load_adapters(model: Module, path: str | Path) -> list[str]:
     arrays = load_npz(path / WEIGHTS_FILE, finite=True, max_bytes=8 * sum(int(np.prod(s)) for s in expected.values()) + (1 << 16))
     _check_arrays(arrays, expected, str(path / WEIGHTS_FILE))
     for n, cfg in configs.items():
-        _attach(model, n, cfg)
+        _attach(model, n, cfg, quant)
     _fill(model, arrays)
     active = raw.get("active_adapter")
     set_adapter(model, active if active in configs else next(iter(configs)))
