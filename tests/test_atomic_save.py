@@ -66,6 +66,7 @@ def killed_save(folder: Path, step: int) -> bool:
 
 
 @pytest.mark.parametrize("with_old", [True, False], ids=["over-an-old-model", "first-save"])
+@pytest.mark.slow
 def test_kill_at_every_step_leaves_old_or_new(tmp_path: Path, with_old: bool) -> None:
     outcomes: list[str] = []
     for step in range(1, 100):
@@ -112,6 +113,7 @@ def test_extra_files_are_saved_in_the_same_switch(tmp_path: Path) -> None:
         save_model(make(2.0), folder, files={"base.npz": {}})
 
 
+@pytest.mark.slow
 def test_killed_in_a_fresh_interpreter_via_the_environment(tmp_path: Path) -> None:
     """The fault injection as a user's process meets it: a new interpreter, killed between write and switch."""
     folder = tmp_path / "model"

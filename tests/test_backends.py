@@ -400,6 +400,7 @@ def test_cupy_skip_reason_is_clear() -> None:
     assert reason is None or reason.startswith(("CuPy not installed", "no CUDA GPU"))
 
 
+@pytest.mark.slow
 def test_engine_code_outside_kernels_imports_no_cupy() -> None:
     """Only backend.py may import CuPy (lazily) in the engine, so it imports and runs on machines without CuPy."""
     offenders = []

@@ -45,12 +45,14 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_params_are_counted_exactly(quick: tuple[dict, str]) -> None:
     p = quick[0]["models"]["small"]["params"]
     assert p == {"full": 535_818, "lora_total": 535_818 + 18_640, "lora_trainable": 18_640, "lora_frozen": 535_818}
     assert p["lora_trainable"] < p["lora_total"]
 
 
+@pytest.mark.slow
 def test_memory_invariants(quick: tuple[dict, str]) -> None:
     m = quick[0]["models"]["small"]["memory_bytes"]
     for key in ("full_fp32", "lora_total", "lora_trainable", "grad_full", "grad_lora", "optimizer_full",
@@ -73,6 +75,7 @@ def _is_stats(s: object) -> bool:
             and 0 < s["min"] <= s["median"] <= s["max"])
 
 
+@pytest.mark.slow
 def test_timing_maps(quick: tuple[dict, str]) -> None:
     res = quick[0]
     m = res["models"]["small"]
@@ -94,6 +97,7 @@ def test_timing_maps(quick: tuple[dict, str]) -> None:
 
 
 @pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
+@pytest.mark.slow
 def test_compare_torch_maps(quick: tuple[dict, str]) -> None:
     res, stdout = quick
     t = res["compare"]["torch"]
@@ -107,6 +111,7 @@ def test_compare_torch_maps(quick: tuple[dict, str]) -> None:
     assert "ours/torch" in stdout
 
 
+@pytest.mark.slow
 def test_report_sections(quick: tuple[dict, str]) -> None:
     out = quick[1]
     for needle in ("Parameters", "Memory", "Forward pass", "Training step", "Engine overhead", "NF4 quantization",
@@ -117,6 +122,7 @@ def test_report_sections(quick: tuple[dict, str]) -> None:
 # ------------------------------------------------------------------------------------ errors
 
 
+@pytest.mark.slow
 def test_compare_torch_without_torch_is_one_line(tmp_path: Path) -> None:
     fake = tmp_path / "torch"
     fake.mkdir()
@@ -142,6 +148,7 @@ def test_gpu_backend_with_cpu_only_torch_skips_the_comparison() -> None:
     assert any("comparison skipped" in line for line in report.header(res))
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("bench", "--models", "huge"), "unknown model")
     assert_one_line_error(run_cli("bench", "--epoch", "--data-dir", str(tmp_path)), "not found")  # before any timing
@@ -153,6 +160,7 @@ def test_bad_flags_are_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(have("matplotlib"), reason="matplotlib is installed")
+@pytest.mark.slow
 def test_plot_without_matplotlib_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("bench", "--quick", "--plot", str(tmp_path / "b.png")), "matplotlib")
 
@@ -198,6 +206,7 @@ def test_hand_written_step_does_the_engines_arithmetic(kind: str) -> None:
 
 @pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
 @pytest.mark.parametrize("kind", ["full", "lora", "lora_merged", "dora"])
+@pytest.mark.slow
 def test_torch_models_compute_what_ours_compute(kind: str) -> None:
     import torch
 
@@ -294,6 +303,7 @@ def test_peak_step_bytes_counts_numpy_allocations() -> None:
 # ------------------------------------------------------------------------------------ worker processes
 
 
+@pytest.mark.slow
 def test_worker_protocol(tmp_path: Path) -> None:
     from minitorch_peft.bench.worker import Worker, WorkerCrash
 
@@ -316,6 +326,7 @@ def test_worker_protocol(tmp_path: Path) -> None:
     assert w.proc.returncode == 0  # "exit" ends it cleanly
 
 
+@pytest.mark.slow
 def test_worker_reports_project_errors_as_one_line(tmp_path: Path) -> None:
     from minitorch_peft.bench.worker import Worker, WorkerError
 
@@ -327,6 +338,7 @@ def _blas_threads(hello: dict) -> set[int]:
     return {p["num_threads"] for p in hello["threadpools"] if p["user_api"] == "blas"}
 
 
+@pytest.mark.slow
 def test_threads_are_applied_inside_the_worker() -> None:
     from minitorch_peft.bench.worker import Worker
 
@@ -336,6 +348,7 @@ def test_threads_are_applied_inside_the_worker() -> None:
 
 
 @pytest.mark.skipif(not have("torch"), reason="PyTorch not installed")
+@pytest.mark.slow
 def test_torch_worker_threads_and_models(tmp_path: Path) -> None:
     from minitorch_peft.bench.worker import Worker
 
@@ -349,6 +362,7 @@ def test_torch_worker_threads_and_models(tmp_path: Path) -> None:
         assert w.call("run", case="step:full", n=2) > 0
 
 
+@pytest.mark.slow
 def test_the_parent_never_imports_torch(tmp_path: Path) -> None:
     """The coordinating process stays free of PyTorch's thread pool, with or without --compare torch."""
     compare = "['torch']" if have("torch") else "[]"
@@ -367,6 +381,7 @@ def test_the_parent_never_imports_torch(tmp_path: Path) -> None:
     assert "ok" in proc.stdout and ("'torch'" in proc.stdout) == have("torch")
 
 
+@pytest.mark.slow
 def test_quick_json_records_the_workers_and_the_policy(quick: tuple[dict, str]) -> None:
     res = quick[0]
     assert res["version"] == 2 and res["config"]["load"] == 0 and res["environment"]["load"] is None
@@ -397,6 +412,7 @@ def test_busy_load_is_stopped_however_the_block_ends() -> None:
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+@pytest.mark.slow
 def test_busy_load_does_not_survive_its_parent(how: str) -> None:
     """Ctrl-C and SIGTERM unwind and stop the load; after SIGKILL each load process notices and exits."""
     import signal
@@ -414,6 +430,7 @@ def test_busy_load_does_not_survive_its_parent(how: str) -> None:
     assert alive(pids, wait=10) == []
 
 
+@pytest.mark.slow
 def test_bench_under_load_says_so_and_cleans_up(tmp_path: Path) -> None:
     from minitorch_peft.bench.load import alive
 
@@ -561,6 +578,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the child processes")
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+@pytest.mark.slow
 def test_ctrl_c_or_kill_ends_the_workers_and_the_load(how: str) -> None:
     """Ctrl-C unwinds (exit status 130); after SIGKILL the kernel ends the workers and the load processes
     notice their parent is gone."""

@@ -76,6 +76,7 @@ def two_adapter_folder(small_real_data: None, tmp_path_factory: pytest.TempPathF
     [("lora", LORA_PARAMS), ("dora", LORA_PARAMS + 512 + 256 + 10), ("lora-plus", LORA_PARAMS),
      ("head", 256 * 10 + 10), ("full", 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10)],
 )
+@pytest.mark.slow
 def test_each_method_trains_and_reports_itself(tmp_path: Path, capsys, method: str, trainable: int) -> None:
     ok(capsys, "train", *SMALL, "--method", method, "--output", str(tmp_path / "m"), "--json", str(tmp_path / "m.json"))
     m = metrics(tmp_path / "m.json")
@@ -111,6 +112,7 @@ def test_base_with_adapters_gains_a_second_one_and_the_first_stays_as_it_was(two
         np.testing.assert_array_equal(base_after[key], base_before[key])
 
 
+@pytest.mark.slow
 def test_merge_export_import_and_unload(two_adapter_folder: Path, capsys) -> None:
     tmp = two_adapter_folder
     ok(capsys, "merge", "--model-dir", str(tmp / "ab"), "--adapters", "default,b", "--weights", "0.5,0.5",
@@ -173,6 +175,7 @@ def test_bad_train_flags_are_one_line(tmp_path: Path, capsys, args: list[str], n
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_bad_merge_and_peft_input_is_one_line(two_adapter_folder: Path, tmp_path: Path, capsys) -> None:
     ab = str(two_adapter_folder / "ab")
     merge = ["merge", "--model-dir", ab, "--output", str(tmp_path / "out")]
@@ -214,6 +217,7 @@ def test_bad_merge_and_peft_input_is_one_line(two_adapter_folder: Path, tmp_path
     assert not (tmp_path / "imp").exists()
 
 
+@pytest.mark.slow
 def test_the_real_process_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "merge", "--model-dir", str(tmp_path / "none"),
                            "--adapters", "a,b", "--weights", "1,1", "--output", str(tmp_path / "o")],

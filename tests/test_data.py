@@ -115,6 +115,7 @@ def expect_data_error(fn, *fragments: str) -> str:
 # --------------------------------------------------------------------------- IDX reader, real files
 
 
+@pytest.mark.slow
 def test_real_mnist_train_and_test(shared: Path) -> None:
     x, y = load_mnist_like("mnist", "train", data_dir=shared)
     assert x.shape == (60000, 784) and x.dtype == np.float32 and x.flags.c_contiguous
@@ -126,6 +127,7 @@ def test_real_mnist_train_and_test(shared: Path) -> None:
     assert yt[:10].tolist() == MNIST_TEST_HEAD
 
 
+@pytest.mark.slow
 def test_real_fashion_train(shared: Path) -> None:
     x, y = load_mnist_like("fashion-mnist", "train", data_dir=shared)
     assert x.shape == (60000, 784) and y[:10].tolist() == FASHION_TRAIN_HEAD

@@ -140,6 +140,7 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 @needs_mpi
 @pytest.mark.parametrize("dtype", dist_worker.DTYPES)
 @pytest.mark.parametrize("method", dist_worker.METHODS)
+@pytest.mark.slow
 def test_two_ranks_batch_b_equal_one_process_batch_2b(two_rank_weights: Path, method: str, dtype: str) -> None:
     got = np.load(two_rank_weights / f"{method}-{dtype}.npz")
     assert int(got["steps"]) == 20  # the 20th step is the partial batch: 5 samples, shards of 3 and 2
@@ -155,6 +156,7 @@ def test_two_ranks_batch_b_equal_one_process_batch_2b(two_rank_weights: Path, me
 
 
 @needs_mpi
+@pytest.mark.slow
 def test_all_reduce_buffer_holds_exactly_the_trainable_gradients(two_rank_weights: Path) -> None:
     for method in dist_worker.METHODS:
         model, _, _, _ = dist_worker.setup(method, "float32")

@@ -24,17 +24,20 @@ def test_there_are_three_examples() -> None:
         "01_autograd_from_scratch.py", "02_lora_by_hand.py", "03_finetune_python_api.py"]
 
 
+@pytest.mark.slow
 def test_01_autograd_from_scratch(tmp_path) -> None:
     out = run("01_autograd_from_scratch.py", cwd=tmp_path)
     assert "part 2  the engine agrees" in out and "part 3  test accuracy" in out
 
 
+@pytest.mark.slow
 def test_02_lora_by_hand(tmp_path) -> None:
     out = run("02_lora_by_hand.py", cwd=tmp_path)
     assert "W0 has no gradient: True" in out and "LoRALinear gives the same outputs: True" in out
     assert "rank 2 (r = 2)" in out
 
 
+@pytest.mark.slow
 def test_03_finetune_python_api(tmp_path) -> None:
     out = run("03_finetune_python_api.py", str(tmp_path / "run"), cwd=tmp_path)
     assert "both give the fine-tuned outputs" in out

@@ -130,6 +130,7 @@ IDX_LABELS = idx_bytes(np.array([3, 1, 4, 1, 5]))
 
 @fuzz(600)
 @given(edits=mutations(len(IDX), hot=(0, 4, 8, 12, 16)), labels=st.booleans())
+@pytest.mark.slow
 def test_fuzz_idx_raw(edits, labels: bool) -> None:
     data = apply(IDX_LABELS if labels else IDX, edits)
     loads_or_own_error(lambda: parse_idx(data))
@@ -137,6 +138,7 @@ def test_fuzz_idx_raw(edits, labels: bool) -> None:
 
 @fuzz(300)
 @given(edits=mutations(len(gzip.compress(IDX, mtime=0)), hot=(0, 10)), inner=mutations(len(IDX), hot=(0, 4, 8)))
+@pytest.mark.slow
 def test_fuzz_idx_gzip(tmp_path_factory, edits, inner) -> None:
     path = tmp_path_factory.mktemp("idx") / "train-images-idx3-ubyte.gz"
     path.write_bytes(apply(gzip.compress(apply(IDX, inner), mtime=0), edits))
@@ -172,6 +174,7 @@ def _copy(src: Path, root: Path) -> Path:
 
 @fuzz(200)
 @given(kind=st.sampled_from(["lora", "qdora", "plain"]), file=st.sampled_from(["base.npz", "adapters.npz"]), data=st.data())
+@pytest.mark.slow
 def test_fuzz_npz_checkpoint_bytes(folders, tmp_path_factory, kind: str, file: str, data: st.DataObject) -> None:
     folder = _copy(folders[kind], tmp_path_factory.mktemp("npz"))
     if not (folder / file).exists():
@@ -195,6 +198,7 @@ def arrays_like(a: np.ndarray) -> st.SearchStrategy[np.ndarray]:
 
 @fuzz(200)
 @given(kind=st.sampled_from(["qdora", "lora"]), data=st.data())
+@pytest.mark.slow
 def test_fuzz_checkpoint_arrays_and_4bit_quant_state(folders, tmp_path_factory, kind: str, data: st.DataObject) -> None:
     """Arrays of a (4-bit) checkpoint replaced: wrong shapes, dtypes, codes, block sizes, NaN scales, meta."""
     folder = _copy(folders[kind], tmp_path_factory.mktemp("arr"))
@@ -262,6 +266,7 @@ def json_edits(draw: st.DrawFn, doc: Any) -> Any:
 
 @fuzz(300)
 @given(kind=st.sampled_from(["lora", "qdora", "plain"]), data=st.data())
+@pytest.mark.slow
 def test_fuzz_model_config_json(folders, tmp_path_factory, kind: str, data: st.DataObject) -> None:
     folder = _copy(folders[kind], tmp_path_factory.mktemp("cfg"))
     config = json.loads((folder / "config.json").read_text())
@@ -276,6 +281,7 @@ def test_fuzz_model_config_json(folders, tmp_path_factory, kind: str, data: st.D
 
 @fuzz(200)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_our_adapter_files(folders, tmp_path_factory, data: st.DataObject) -> None:
     folder = _copy(folders["adapters"], tmp_path_factory.mktemp("ad"))
     if data.draw(st.booleans()):
@@ -298,6 +304,7 @@ def peft_folder(tmp_path_factory) -> Path:
 
 @fuzz(200)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzz_peft_adapter_config_and_safetensors(peft_folder, tmp_path_factory, data: st.DataObject) -> None:
     folder = _copy(peft_folder, tmp_path_factory.mktemp("pf"))
     if data.draw(st.booleans()):
@@ -318,6 +325,7 @@ def _model_plain() -> MLP:
 
 @fuzz(300)
 @given(text=st.binary(max_size=64) | JSON_VALUES.map(lambda v: json.dumps(v).encode()))
+@pytest.mark.slow
 def test_fuzz_load_json(tmp_path_factory, text: bytes) -> None:
     path = tmp_path_factory.mktemp("json") / "config.json"
     path.write_bytes(text)

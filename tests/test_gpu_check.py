@@ -97,6 +97,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_prepare_builds_pure_wheels_and_the_data_and_prints_what_to_carry(
     prepared: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
@@ -142,6 +143,7 @@ def test_setup_passes_on_a_bare_machine_and_the_run_stops_at_the_smoke_step(
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_setup_names_the_missing_wheels_and_how_to_carry_them(tmp_path: Path) -> None:
     """The first failure the issue saw (pytest not carried) now names the command that fixes it."""
     tree = copy_tree(tmp_path / "tree")
@@ -153,6 +155,7 @@ def test_setup_names_the_missing_wheels_and_how_to_carry_them(tmp_path: Path) ->
     assert '[".whl", ".gpu-data"]' in summary[0]
 
 
+@pytest.mark.slow
 def test_setup_names_a_missing_gpu_module_first(tmp_path: Path) -> None:
     run = run_script(copy_tree(tmp_path / "tree"), env={"PYTHON": str(bare_python(tmp_path, with_cupy=False)),
                                                         "OUT": str(tmp_path / "out")})

@@ -114,6 +114,7 @@ def test_2_non_finite_flags_are_refused_before_the_banner(tmp_path: Path, capsys
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_2_a_non_finite_loss_stops_training_and_saves_nothing(tmp_path: Path, capsys, small_test_split) -> None:
     model_folder(tmp_path / "m")
     before = (tmp_path / "m" / "adapters.npz").read_bytes()
@@ -341,6 +342,7 @@ def test_8_peft_non_finite_tensor_is_refused(peft_folder: Path) -> None:
 # ------------------------------------------------------------------ 9. data files
 
 
+@pytest.mark.slow
 def test_9_gzip_bomb_is_not_decompressed(tmp_path: Path) -> None:
     from minitorch_peft.data import DataError, read_idx
 
@@ -408,6 +410,7 @@ class _Files(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_9_silent_server_times_out_and_the_next_mirror_serves(tmp_path: Path, capfd) -> None:
     import hashlib
 

@@ -62,16 +62,19 @@ def test_train_then_infer_reproduces_accuracy(tmp_path: Path, method: str, extra
         (["infer", "--model-dir", "/nonexistent/model"], "/nonexistent/model"),
     ],
 )
+@pytest.mark.slow
 def test_bad_flags_give_one_line(args: list[str], needle: str) -> None:
     assert_one_line_error(run_cli(*args), needle)
 
 
+@pytest.mark.slow
 def test_missing_data_folder_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("train", "--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "m"))
     assert_one_line_error(proc, "nowhere")
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_idx_file_is_one_line(tmp_path: Path) -> None:
     mnist = tmp_path / "mnist"
     mnist.mkdir()
@@ -94,6 +97,7 @@ def test_corrupt_model_folder_is_one_line(tmp_path: Path) -> None:
 
 
 @needs_data
+@pytest.mark.slow
 def test_base_of_another_shape_is_one_line(tmp_path: Path) -> None:
     from minitorch_peft.checkpoint import save_model
     from minitorch_peft.nn import MLP
@@ -127,6 +131,7 @@ def test_ctrl_c_leaves_earlier_checkpoint_intact(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folders left behind
 
 
+@pytest.mark.slow
 def test_cli_help_lists_commands() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0

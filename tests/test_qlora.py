@@ -420,6 +420,7 @@ def test_chunked_ops_equal_whole_weight_ops(monkeypatch, dora: bool, norm_grad: 
 
 
 @pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.slow
 def test_chunked_float64_finite_differences(monkeypatch, dora: bool) -> None:
     monkeypatch.setattr(weights, "CHUNK_VALUES", 150)
     manual_seed(0)
@@ -690,6 +691,7 @@ def one_line_error(cli, capsys, *args: str, needle: str) -> None:
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_cli_trains_qlora_and_qdora_and_infer_loads_them(cli_small, capsys, tmp_path: Path) -> None:
     import json
 

@@ -114,6 +114,7 @@ def test_cuda_kernels_match_cpu_under_the_simulator():
     assert "OK 25 cases" in proc.stdout, out
 
 
+@pytest.mark.slow
 def test_importing_the_quant_modules_does_not_import_numba_cuda():
     code = (
         "import sys, minitorch_peft.kernels.quant, minitorch_peft.kernels.quant_ref, minitorch_peft.kernels.quant_cuda; "

@@ -190,6 +190,7 @@ def test_round_trip_error_is_within_half_the_widest_gap(impl, quant_type, double
     block_size=st.sampled_from([32, 64, 128, 256, 4096]),
     double_quant=st.booleans(),
 )
+@pytest.mark.slow
 def test_numba_kernel_matches_numpy_reference_bit_for_bit(data, quant_type, block_size, double_quant):
     shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=40), label="shape")
     elements = st.one_of(
@@ -210,6 +211,7 @@ def test_many_blocks_and_double_quant_groups_match_reference():
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+@pytest.mark.slow
 def test_784_wide_rows_use_the_flat_c_order_layout(quant_type, double_quant):
     # 784 is not a multiple of 64: blocks straddle rows, so the layout must be the flat one
     x = np.random.default_rng(3).standard_normal((2048, 784)).astype(np.float32)

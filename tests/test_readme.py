@@ -20,6 +20,7 @@ def python_section(heading: str) -> str:
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_use_it_from_python_runs(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)  # the section writes base-model/ and my-adapter/ where it runs
     monkeypatch.setenv("MINITORCH_PEFT_DATA", str(DATA))

@@ -137,6 +137,7 @@ def test_every_op_in_ops_py_has_a_gradcheck() -> None:
     assert functions and functions <= covered_ops(), functions - covered_ops()
 
 
+@pytest.mark.slow
 def test_cli_gradcheck_passes_with_one_line_per_check(capsys) -> None:
     code, out, err = cli_main(capsys, "gradcheck")
     assert code == 0, err
@@ -146,6 +147,7 @@ def test_cli_gradcheck_passes_with_one_line_per_check(capsys) -> None:
         assert any(line.startswith(layer) for line in lines), layer
 
 
+@pytest.mark.slow
 def test_cli_gradcheck_fails_on_a_wrong_backward(capsys, monkeypatch) -> None:
     monkeypatch.setattr(ops.Exp, "backward", staticmethod(lambda ctx, g: (g * ctx.saved[0] * 1.01,)))
     code, out, err = cli_main(capsys, "gradcheck")

@@ -39,6 +39,7 @@ def ok(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
 
 @needs_mnist
 @pytest.mark.parametrize("method,extra", [("dora", ["--dropout", "0.1"]), ("lora-plus", []), ("qlora", [])])
+@pytest.mark.slow
 def test_three_epochs_equal_two_resumed_for_one_more(tmp_path: Path, capsys, small_test_split, method: str,
                                                      extra: list[str]) -> None:
     """The resume test of the issue: weights, optimizer state, accuracies and per-step losses bit-identical.
