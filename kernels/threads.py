@@ -17,8 +17,9 @@ saved (the medium full step: 53-61 ms with the policy, 31-33 ms without). So by 
 the budget and BLAS decides; ``set_threads(n, size_policy=True)`` (and the thread table) keep the alternative
 measurable. On a busy machine the picture turns: with one competing process (``--load 1``) one thread was
 3-17x faster than two (an epoch of LoRA 3.7 s against 62 s), as the split waits for a worker thread that has
-lost its core; that is what ``--threads 1`` is for. The default does not switch by itself, because the
-thread count changes BLAS's rounding and so a run's bytes.
+lost its core; that is what ``--threads 1`` is for (and ``bench --load K`` gives both sides the CPUs its
+load leaves). The default does not switch by itself, because the thread count changes BLAS's rounding and so
+a run's bytes.
 
 This is the only module besides ``cpu`` that knows a BLAS library is there. Without threadpoolctl every
 function here does nothing and BLAS keeps its own choice.
