@@ -460,6 +460,19 @@ def test_threads_under_load_are_the_cpus_the_load_leaves() -> None:
     assert BenchConfig(load=1, threads=2).threads_for(2) == (2, "--threads")  # the user's word wins
 
 
+def test_busy_header_suggests_one_thread_only_where_more_are_used() -> None:
+    from minitorch_peft.bench import report
+
+    def header(threads: int) -> str:
+        env = {"backend": "numpy", "numpy": "2", "threads": threads, "threads_source": "test", "cpu": "cpu",
+               "cpu_count": 2, "load_average_start": [1.9, 1.0, 1.0]}
+        cfg = {"rounds": 1, "forward_iterations": 1, "step_iterations": 1}
+        return "\n".join(report.header({"environment": env, "config": cfg}))
+
+    assert "the machine is busy" in header(1) and "--threads 1 avoids that" not in header(1)
+    assert "--threads 1 avoids that" in header(2)
+
+
 # ------------------------------------------------------------------------------------ --check
 
 

@@ -81,8 +81,9 @@ def header(res: dict[str, Any]) -> list[str]:
     if load:
         lines.append(f"machine load average at start: {' '.join(map(str, load))} on {env['cpu_count']} CPU(s)")
         if load[0] > 0.75 * env["cpu_count"]:
-            lines.append("⚠  the machine is busy: absolute times are inflated and noisy (multi-threaded BLAS suffers most "
-                         "when a core is taken; --threads 1 avoids that); ratios of interleaved medians remain comparable")
+            hint = "" if env["threads"] == 1 else " (multi-threaded BLAS suffers most when a core is taken; --threads 1 avoids that)"
+            lines.append(f"⚠  the machine is busy: absolute times are inflated and noisy{hint}; "
+                         "ratios of interleaved medians remain comparable")
     torch = res.get("compare", {}).get("torch")
     if torch and "skipped" in torch:
         lines.append(f"PyTorch comparison skipped: {torch['skipped']}")
