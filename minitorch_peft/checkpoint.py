@@ -16,7 +16,7 @@ from .backend import Backend
 from .nn.layers import MLP
 from .nn.module import Module, StateDictError
 from .peft.config import AdapterError, LoraConfig, RankWarning
-from .peft.model import add_adapter, inject_adapters, lora_layers, set_adapter
+from .peft.model import add_adapter, inject_adapters, lora_layers, quantization, quantization_kwargs, set_adapter
 from .schema import FLOAT_DTYPES, FORMAT, VERSION, check_against_arrays, implied_shapes, validate_model_config
 from .serialize import CheckpointError, atomic_directory, check_finite, load_json, load_npz, npz_headers, save_json, save_npz
 
@@ -52,8 +52,7 @@ def model_config(model: MLP) -> dict[str, Any]:
                     entry["alpha_pattern"][name] = cfg.lora_alpha
         config["adapters"] = adapters
         config["active_adapter"] = next((l.active_adapter for _, l in layers if l.active_adapter), None)
-        quant = getattr(layers[0][1], "quant_config", None)
-        config["quantization"] = quant() if callable(quant) else None
+        config["quantization"] = quantization(model)
     return config
 
 
@@ -157,8 +156,7 @@ def _add_saved_adapters(model: MLP, config: dict[str, Any], adapters: Any, sourc
                 raise AdapterError(f"adapter {name!r}: config must be an object")
             cfg = LoraConfig.from_dict(raw)
             if i == 0:
-                inject_adapters(model, cfg, adapter_name=name, quantize=quant.get("quant_type"),
-                                double_quant=quant.get("double_quant", True), block_size=quant.get("block_size", 64))
+                inject_adapters(model, cfg, adapter_name=name, **quantization_kwargs(quant))
             else:
                 add_adapter(model, name, cfg)
         active = config.get("active_adapter") or next(iter(adapters))

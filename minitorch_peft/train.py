@@ -464,7 +464,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     def checkpoint(epoch: int, accuracy: float, seconds: float) -> None:
         """--save-every-epoch: the folder holds the last epoch (resumable); OUTPUT-best the best test accuracy."""
         state.epoch, state.train_seconds = epoch, state.train_seconds + seconds
-        state.rng_ranks = world.random_states
+        state.rng_ranks = world.random_states  # every epoch (rank 0): the final save below reads it too
         state.accuracies.append(accuracy)
         if cfg.save_every_epoch:
             save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
@@ -484,7 +484,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
         world.finish()
         return None
     if not cfg.save_every_epoch:  # else the last epoch is saved already
-        state.rng_ranks = world.random_states
         save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
     world.finish()
     metrics = report(cfg, backend, counts, state.accuracies, train_time, wall, output,

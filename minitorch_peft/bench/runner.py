@@ -66,7 +66,6 @@ class BenchConfig:
         if self.load < 0:
             raise ConfigError(f"--load must be >= 0, got {self.load}")
 
-    # loop sizes: --quick keeps every section but runs short loops
     def threads_for(self, cpus: int) -> tuple[int | None, str]:
         """The BLAS / PyTorch thread count of both workers and where it came from.
 
@@ -80,6 +79,7 @@ class BenchConfig:
             return max(1, cpus - self.load), f"the {cpus} CPU(s) less the --load {self.load}"
         return None, "threadpoolctl, in the worker"
 
+    # loop sizes: --quick keeps every section but runs short loops
     @property
     def n_forward(self) -> int:
         return self.forward_iters or (100 if self.quick else 1000)

@@ -25,7 +25,10 @@ from ..nn.module import Module
 from ..serialize import CheckpointError, atomic_directory, check_finite, load_json, load_npz, save_json, save_npz
 from .config import AdapterError, LoraConfig
 from .lora import LoRALinear, make_update
-from .model import active_adapter, add_adapter, inject_adapters, list_adapters, lora_layers, set_adapter
+from .model import (
+    active_adapter, add_adapter, inject_adapters, list_adapters, lora_layers, quantization, quantization_kwargs,
+    set_adapter,
+)
 
 FORMAT = "minitorch_peft.adapters"
 VERSION = 1
@@ -103,9 +106,7 @@ def _attach(model: Module, name: str, cfg: LoraConfig, quant: dict[str, Any] | N
     if name in list_adapters(model):
         raise AdapterError(f"the model already has an adapter named {name!r}")
     if next(lora_layers(model), None) is None:
-        q = quant or {}
-        inject_adapters(model, cfg, adapter_name=name, quantize=q.get("quant_type"),
-                        double_quant=q.get("double_quant", True), block_size=q.get("block_size", 64))
+        inject_adapters(model, cfg, adapter_name=name, **quantization_kwargs(quant))
     else:
         add_adapter(model, name, cfg)
 
@@ -143,9 +144,9 @@ def save_adapters(model: Module, path: str | Path, names: list[str] | None = Non
         "method": configs[active]["method"] if active in configs else configs[names[0]]["method"],
         "adapters": configs, "active_adapter": active if active in configs else names[0], "base_shapes": base_shapes,
     }
-    quant = getattr(next(lora_layers(model))[1], "quant_config", None)
-    if callable(quant):  # QLoRA / QDoRA: loading re-creates the 4-bit base the adapters were trained on
-        config["quantization"] = quant()
+    quant = quantization(model)
+    if quant is not None:  # QLoRA / QDoRA: loading re-creates the 4-bit base the adapters were trained on
+        config["quantization"] = quant
     path = Path(path)
     with atomic_directory(path) as tmp:
         save_npz(tmp / WEIGHTS_FILE, arrays)

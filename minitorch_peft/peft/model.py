@@ -82,6 +82,21 @@ def lora_layers(model: Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, m
 
 
+def quantization(model: Module) -> dict[str, Any] | None:
+    """What a saved config records of a 4-bit base: {"quant_type", "double_quant", "block_size"} of its
+    adapted layers (QLoRA / QDoRA), or None for a float base (or no adapters)."""
+    first = next(lora_layers(model), None)
+    quant = getattr(first[1], "quant_config", None) if first is not None else None
+    return quant() if callable(quant) else None
+
+
+def quantization_kwargs(quant: dict[str, Any] | None) -> dict[str, Any]:
+    """``inject_adapters`` keywords that re-create the 4-bit base ``quantization`` recorded (none: float)."""
+    q = quant or {}
+    return {"quantize": q.get("quant_type"), "double_quant": q.get("double_quant", True),
+            "block_size": q.get("block_size", 64)}
+
+
 def _require_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     layers = list(lora_layers(model))
     if not layers:
