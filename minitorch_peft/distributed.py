@@ -51,6 +51,7 @@ DEFAULT_TIMEOUT = 60.0
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _ROLL, _BYE = 7001, 7002  # message tags on the control communicator
+FAILED_EXIT = 2  # a rank that announced a failure ends the job with the CLI's exit status for errors
 
 Log = Callable[[str], None]
 
@@ -77,6 +78,34 @@ def launched_rank(env: dict[str, str] | None = None) -> int:
         if env.get(name, "").strip().isdigit():
             return int(env[name])
     return 0
+
+
+def _wait_until_read(fds: tuple[int, ...], bound: float) -> None:
+    """Wait (at most ``bound`` seconds) until the reader of each pipe in ``fds`` has taken everything written.
+
+    The launcher reads a rank's output and its "abort" on different channels, in no fixed order, and on an
+    abort it ends the job at once: a line still in the pipe would be lost. An fd that is not a pipe (a file,
+    a terminal) holds nothing back. Linux and macOS answer FIONREAD for either end of a pipe."""
+    import fcntl
+    import stat
+    import struct
+    import termios
+
+    pipes = []
+    for fd in fds:
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                pipes.append(fd)
+        except OSError:
+            pass
+    deadline = time.perf_counter() + bound
+    while pipes and time.perf_counter() < deadline:
+        try:
+            pipes = [fd for fd in pipes
+                     if struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0] > 0]
+        except OSError:
+            return
+        time.sleep(1e-3)
 
 
 # ------------------------------------------------------------------------------------------- the worlds
@@ -122,6 +151,7 @@ class World:
         if not timeout > 0:
             raise DistributedError(f"--dist-timeout must be > 0 seconds, got {timeout}")
         self.MPI = mpi
+        self.comm_world = comm  # MPI_Abort on this one: MPICH tells the launcher only when the whole world aborts
         self.comm = comm.Dup()  # the training's collectives, apart from anyone else's use of COMM_WORLD
         self.ctrl = comm.Dup()  # the roll call and farewells, never mixed with the collectives
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -257,26 +287,39 @@ class World:
 
     def _at_exit(self) -> None:
         """After a clean run: finalize MPI. After a failure this rank announced: tell the live ranks it has
-        printed its line and wait (bounded) for theirs, so the launcher tearing the job down on the first
-        non-zero exit does not cut another rank's line. After anything else: exit at once, no finalize
-        (the launcher ends the other ranks)."""
+        printed its line, wait (bounded) for theirs, then end the whole job with ``MPI_Abort``. After anything
+        else: exit at once, no finalize (the launcher ends the other ranks).
+
+        Why abort rather than exit: a peer that hangs (frozen, stuck in a collective) never exits, so the job
+        ends only when the launcher kills it. On a plain non-zero exit MPICH's Hydra kills the others only if
+        it sees the rank's PMI connection close before it reaps the process; in the other order (about one run
+        in six here, seen in CI) it takes the exit for a normal one and ``mpiexec`` waits for the frozen rank
+        for ever. ``MPI_Abort`` on COMM_WORLD sends the launcher an explicit "abort" (on a duplicate
+        communicator MPICH just exits). The launcher may act on it before it has read this rank's last line,
+        so the abort waits until the output pipes are read, then silences MPICH's own "application called
+        MPI_Abort" line, which would only repeat ours."""
         if self.state == "done":
             self.MPI.Finalize()
             return
-        if self.state != "failed" or not self.alive:
+        if self.state != "failed":
             return
         sys.stdout.flush(), sys.stderr.flush()
-        token = np.array([self.rank], dtype=np.int64)
-        sends = [self.ctrl.Isend(token, dest=r, tag=_BYE) for r in self.alive]
-        got, pending = np.empty(1, dtype=np.int64), set(self.alive)
-        deadline = time.perf_counter() + min(self.timeout, 5.0)
-        while pending and time.perf_counter() < deadline:
-            for r in list(pending):
-                if self.ctrl.Iprobe(source=r, tag=_BYE):
-                    self.ctrl.Recv(got, source=r, tag=_BYE)
-                    pending.discard(r)
-            time.sleep(1e-3)
-        del sends
+        if self.alive:
+            token = np.array([self.rank], dtype=np.int64)
+            sends = [self.ctrl.Isend(token, dest=r, tag=_BYE) for r in self.alive]
+            got, pending = np.empty(1, dtype=np.int64), set(self.alive)
+            deadline = time.perf_counter() + min(self.timeout, 5.0)
+            while pending and time.perf_counter() < deadline:
+                for r in list(pending):
+                    if self.ctrl.Iprobe(source=r, tag=_BYE):
+                        self.ctrl.Recv(got, source=r, tag=_BYE)
+                        pending.discard(r)
+                time.sleep(1e-3)
+            del sends
+        _wait_until_read((1, 2), min(self.timeout, 5.0))
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1), os.dup2(null, 2)
+        self.comm_world.Abort(FAILED_EXIT)
 
     # ------------------------------------------------------------------------------ collectives
 

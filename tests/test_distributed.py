@@ -249,6 +249,19 @@ def _rank_pid(token: str, rank: int) -> int | None:
     return None
 
 
+def _process_states(pids: dict[int, int | None]) -> str:
+    """'rank r: pid p <state> in <wchan>' for each rank (Linux /proc), or 'gone'."""
+    said = []
+    for r, pid in pids.items():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            said.append(f"rank {r}: pid {pid} state {state} in {wchan or '?'}")
+        except (OSError, TypeError, IndexError):
+            said.append(f"rank {r}: pid {pid} gone")
+    return "; ".join(said)
+
+
 def _stop_rank_mid_run(tmp_path: Path, sig: int, extra: list[str], ranks: int = 2,
                        ) -> tuple[subprocess.CompletedProcess[str], float]:
     """Train on ``ranks`` ranks, send ``sig`` to rank 1 once training runs, return the result and seconds to exit."""
@@ -266,10 +279,15 @@ def _stop_rank_mid_run(tmp_path: Path, sig: int, extra: list[str], ranks: int = 
     time.sleep(1.0)  # a few steps in
     pid = _rank_pid(token, 1)
     assert pid is not None, "".join(out)
+    ranks_pids = {r: _rank_pid(token, r) for r in range(ranks)}
     os.kill(pid, sig)
     stopped = time.perf_counter()
     try:
-        rest, err = proc.communicate(timeout=120)
+        try:
+            rest, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired as e:  # say which process was still there, and in what state
+            pytest.fail(f"the job did not end in 120 s; ranks: {_process_states(ranks_pids)}; "
+                        f"stderr: {e.stderr!r}; stdout tail: {(''.join(out) + (e.stdout or b'').decode())[-800:]!r}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -472,3 +490,26 @@ def test_gpu_transports_drive_nccl_and_staging_as_written(monkeypatch: pytest.Mo
     assert calls[-2] == ("sync",)  # the queued gradient kernels finish before MPI reads the device buffer
     with pytest.raises(ValueError, match="not available on the GPU"):
         gc.make_allreduce("gloo", MpiComm(), buf)
+
+
+def test_wait_until_read_returns_once_the_reader_has_taken_everything() -> None:
+    """The abort waits for the launcher to read a rank's last line; a pipe nobody reads costs only the bound."""
+    import threading
+
+    from minitorch_peft.distributed import _wait_until_read
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"error: the last line\n")
+        start = time.perf_counter()
+        _wait_until_read((w,), 0.3)  # nobody reads: gives up at the bound
+        assert 0.3 <= time.perf_counter() - start < 2.0
+        reader = threading.Timer(0.2, lambda: os.read(r, 100))
+        reader.start()
+        start = time.perf_counter()
+        _wait_until_read((w,), 10.0)
+        reader.join()
+        assert 0.2 <= time.perf_counter() - start < 5.0
+        _wait_until_read((w, 10_000), 10.0)  # an empty pipe and a closed fd: nothing to wait for
+    finally:
+        os.close(r), os.close(w)
