@@ -257,37 +257,47 @@ def targets(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> list
             for section, rows in m.get("worst_round_over_median", {}).items():
                 for k, v in rows.items():
                     out.append(_target(name, f"slowest round / median, ours {section.replace('_', ' ')} {k}",
-                                       LOAD_WORST_ROUND, v))
+                                       LOAD_WORST_ROUND, v, kind="load"))
         for method, v in e.items():
             rounds = v.get("ours_rounds") or []
             if rounds:
                 med = statistics.median(rounds)
                 out.append(_target("small", f"slowest round / median, ours epoch {method}", LOAD_WORST_ROUND,
-                                   round(max(rounds) / med, 3)))
+                                   round(max(rounds) / med, 3), kind="load"))
         if baseline is not None:
             quiet = {(t["model"], t["what"]): t["value"] for t in targets(baseline) if "PyTorch" in t["what"]}
             for t in list(out):
                 q = quiet.get((t["model"], t["what"]))
                 if "PyTorch" in t["what"] and t["value"] is not None and q:
                     out.append(_target(t["model"], f"{t['what']}: under load / quiet ({q:.3f})", LOAD_RATIO_DRIFT,
-                                       round(t["value"] / q, 4)))
+                                       round(t["value"] / q, 4), kind="load"))
     return out
 
 
-def _target(model: str, what: str, limit: float, value: float | None) -> dict[str, Any]:
-    return {"model": model, "what": what, "limit": limit, "value": value,
+def _target(model: str, what: str, limit: float, value: float | None, kind: str = "quiet") -> dict[str, Any]:
+    """One target: ``kind`` "quiet" (set for a quiet machine) or "load" (what a busy machine must still keep)."""
+    return {"model": model, "what": what, "limit": limit, "value": value, "kind": kind,
             "met": None if value is None else bool(value <= limit)}
 
 
 def missed(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets measured and not met (what ``bench --check`` fails on)."""
-    return [t for t in res.get("targets", []) if t["met"] is False]
+    """The targets measured and not met: what ``bench --check`` fails on.
+
+    Under ``--load`` only the load criteria count (each ratio within 1.25x of its quiet value, no round past
+    3x its median): the quiet targets are then reported, but a machine made busy on purpose is not expected
+    to meet them, and a guard that always fails guards nothing."""
+    ts = res.get("targets", [])
+    if res.get("config", {}).get("load"):
+        ts = [t for t in ts if t.get("kind") == "load"]
+    return [t for t in ts if t["met"] is False]
 
 
 def targets_section(res: dict[str, Any]) -> list[str]:
     load = res["environment"].get("load")
     under = f", under a load of {load['processes']} CPU-bound process(es)" if load else ""
     lines = ["", f"🎯 Speed targets (set for the small MLP; ratios measured side by side in this run{under}):"]
+    if load:
+        lines.append("    (the quiet targets are shown for reference; under --load, --check holds the load criteria only)")
     for t in res["targets"]:
         if t["value"] is None:
             mark, value = "·", "not measured" + (" (needs --compare torch)" if "PyTorch" in t["what"] else "")
