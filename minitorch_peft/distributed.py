@@ -137,6 +137,9 @@ class Solo:
     def finish(self) -> None:
         pass
 
+    def end_job_at_exit(self, code: int) -> None:
+        pass
+
 
 class World:
     """This process among the ranks of an MPI job: ``rank``, ``size``, and the collectives training needs.
@@ -162,6 +165,7 @@ class World:
         self.state = "running"  # -> "done" (finalize at exit) or "failed" (say goodbye to the live ranks, exit)
         self.alive: list[int] = []
         self.peer_failed = False  # the launcher said a rank died (``_hear_failures``)
+        self.exit_code = FAILED_EXIT  # the status MPI_Abort ends the job with after a failure
         self.random_states: list[dict[str, Any]] | None = None  # every rank's generator state (``share_random_states``)
 
     @classmethod
@@ -319,7 +323,15 @@ class World:
         _wait_until_read((1, 2), min(self.timeout, 5.0))
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1), os.dup2(null, 2)
-        self.comm_world.Abort(FAILED_EXIT)
+        self.comm_world.Abort(self.exit_code)
+
+    def end_job_at_exit(self, code: int) -> None:
+        """This rank is leaving with an error of its own (a bad file, a bug) that the others may not share:
+        at exit, end the whole job with ``MPI_Abort(code)`` rather than leave them to find out at their time
+        bound (Hydra's own clean-up after a plain exit is not certain, see ``_at_exit``)."""
+        if self.state == "running":
+            self.state, self.alive = "failed", []
+        self.exit_code = code
 
     # ------------------------------------------------------------------------------ collectives
 

@@ -234,6 +234,30 @@ def test_ranks_that_disagree_stop_with_one_line_each(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
+@needs_mpi
+@needs_mnist
+def test_one_ranks_own_error_ends_the_job_at_once(tmp_path: Path) -> None:
+    """MPMD launch: rank 1 alone reads a truncated copy of the data (a rank-local error) while rank 0 waits
+    for it at the start-up agreement. Rank 1 prints its line and aborts the job: rank 0 is not left to find
+    out at its --dist-timeout (which a plain exit risks: Hydra's clean-up after one is not certain)."""
+    bad = tmp_path / "data" / "mnist"
+    bad.mkdir(parents=True)
+    for f in (DATA / "mnist").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes()[:1000] if f.name == "train-labels-idx1-ubyte.gz" else f.read_bytes())
+    common = [sys.executable, *TRAIN, "--distributed", "--dist-timeout", "30", "--output", str(tmp_path / "m")]
+    full = mpiexec_command(1) + common + [":", "-n", "1"] + common + ["--data-dir", str(tmp_path / "data")]
+    start = time.perf_counter()
+    result = subprocess.run(full, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "MINITORCH_PEFT_DATA": str(DATA)})
+    seconds = time.perf_counter() - start
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "train-labels-idx1-ubyte.gz: corrupt or truncated" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "m").exists()
+    assert seconds < 25  # well inside rank 0's 30 s bound: nobody waited for it
+
+
 def _rank_pid(token: str, rank: int) -> int | None:
     """The pid of the rank launched with ``H14_TOKEN=token`` (read from /proc: Linux)."""
     for d in Path("/proc").iterdir():

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from ..errors import MinitorchPeftError
 from .app import (
     BACKEND, DATA_DIR, DATASET, JSON, apply_aliases, cli, given, hidden_alias, split, user_paths, warn,
     write_json,
@@ -124,8 +125,12 @@ def train(json_path: str | None, plot_path: str | None, threads: int | None, dis
         click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
     from ..kernels.threads import limit
 
-    with user_paths(), limit(threads):
-        metrics = run(cfg, log=click.echo, world=world)
+    try:
+        with user_paths(), limit(threads):
+            metrics = run(cfg, log=click.echo, world=world)
+    except Exception as e:  # one rank's own failure ends every rank at once (MPI_Abort at exit)
+        world.end_job_at_exit(2 if isinstance(e, (MinitorchPeftError, click.ClickException)) else 1)
+        raise
     if metrics is None:  # not rank 0, under mpiexec
         return
     write_json(json_path, metrics)
