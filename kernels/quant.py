@@ -29,6 +29,7 @@ Storage per parameter: 4 bits + 32/B bits (plain) or 4 + 8/B + 32/(256 B) bits (
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from dataclasses import dataclass
@@ -467,21 +468,50 @@ def _quantize4_kernel(x, block, thr, step, base, packed, absmax):  # pragma: no 
             packed[e >> one] = np.uint8(np.int32(c0) << 4)
 
 
-def _dequantize4_loop(packed, absmax, block, code, out):  # pragma: no cover - compiled
-    """out[i] = code[nibble i] * absmax[i // block]; compiled twice below (parallel and serial)."""
+@functools.lru_cache(maxsize=None)
+def code_pairs(quant_type: str) -> np.ndarray:
+    """(256, 2) float32: row q holds the codes of byte q's high and low nibble, in that order."""
+    code = _CODES[quant_type]
+    q = np.arange(256)
+    # left writeable: Numba's dispatcher types a read-only array on a slow path (about 9 us a call)
+    return np.stack([code[q >> 4], code[q & 15]], axis=1).astype(np.float32)
+
+
+# Blocks per unit of work in _dequantize4_loop: 64 blocks of 64 values are 16 KiB of output, which stay in
+# L1/L2 between the copy and the scaling, and give the parallel build enough units to share.
+_DEQUANT_GROUP = 64
+
+
+def _dequantize4_loop(packed, absmax, block, pairs, out):  # pragma: no cover - compiled
+    """out[i] = code[nibble i] * absmax[i // block]; compiled twice below (parallel and serial).
+
+    Each byte holds two codes, so ``pairs`` (``code_pairs``: row q = the codes of byte q's two nibbles)
+    turns a byte into both its values with one 8-byte load and store; each block is then scaled in place
+    by its absmax. Two plain loops that
+    LLVM compiles tightly (the scaling vectorised) ran 1.3-1.5x faster than one loop looking up and
+    scaling each nibble, with the same float32 products, so the same bits. ``out`` must be 8-byte
+    aligned (``dequantize_4bit`` sees to it) and ``block`` even (a power of two from 32).
+    """
     n = out.size
     nb = absmax.size
-    one = np.uint64(1)
-    for b in prange(nb):  # a plain range where compiled without parallel=True
-        a = absmax[b]
-        s = np.uint64(b * block)
-        e = np.uint64(min(b * block + block, n))
-        for j in range(s >> one, e >> one):
-            q = packed[j]
-            out[j << one] = code[q >> 4] * a
-            out[(j << one) | one] = code[q & 15] * a
-        if (e - s) & one:
-            out[e - one] = code[packed[e >> one] >> 4] * a
+    pair = pairs.reshape(-1).view(np.uint64)  # a byte copy: the same on either endianness
+    for g in prange((nb + _DEQUANT_GROUP - 1) // _DEQUANT_GROUP):  # a plain range in the serial build
+        b0 = g * _DEQUANT_GROUP
+        b1 = min(b0 + _DEQUANT_GROUP, nb)
+        s = b0 * block  # even, so this group's values start on a byte
+        e = min(b1 * block, n)
+        h = (e - s) >> 1
+        out64 = out[s: s + 2 * h].view(np.uint64)
+        src = packed[s >> 1: (s >> 1) + h]
+        for j in range(h):
+            out64[j] = pair[src[j]]
+        if (e - s) & 1:  # an odd number of values in all: the last byte's high nibble
+            out[e - 1] = pairs[packed[e >> 1], 0]
+        for b in range(b0, b1):
+            a = absmax[b]
+            values = out[b * block: min(b * block + block, n)]
+            for i in range(values.size):
+                values[i] *= a
 
 
 def _njit_as(name: str, fn: Callable[..., None], **flags: bool) -> Any:
@@ -620,8 +650,9 @@ def dequantize_4bit(
     if validate:
         state.validate()
         check_packed(packed, state)
+    given = out is not None
     if out is None:
-        out = np.empty(state.shape, dtype=np.float32)
+        out = np.empty(state.shape, dtype=np.float32)  # NumPy's allocations are aligned well past 8 bytes
     elif (
         not isinstance(out, np.ndarray)
         or out.dtype != np.float32
@@ -636,5 +667,11 @@ def dequantize_4bit(
     if state.n:
         absmax = dequantize_absmax(state)
         kernel = _dequantize4_serial_kernel if serial else _dequantize4_kernel
-        kernel(np.ascontiguousarray(packed), absmax, state.block_size, state.code, out.reshape(-1))
+        flat = out.reshape(-1)
+        # the kernel stores value pairs as 8-byte words: an ``out`` that starts mid-word gets a copy
+        mid_word = given and flat.size > 1 and not flat[:2].view(np.uint64).flags.aligned
+        aligned = np.empty(flat.size, dtype=np.float32) if mid_word else flat
+        kernel(np.ascontiguousarray(packed), absmax, state.block_size, code_pairs(state.quant_type), aligned)
+        if aligned is not flat:
+            flat[...] = aligned
     return out

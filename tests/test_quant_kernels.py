@@ -282,6 +282,20 @@ def test_dequantize_writes_into_out(impl):
             impl.dequantize_4bit(packed, state, out=bad)
 
 
+@pytest.mark.parametrize("serial", [False, True])
+@pytest.mark.parametrize("n", [1, 63, 4097, 64 * 64 * 3 + 33])  # odd tails; several groups of 64 blocks
+def test_dequantize_into_an_out_that_starts_mid_word_matches_the_reference(n, serial):
+    """The kernel writes value pairs as 8-byte words; an ``out`` 4 bytes past a word boundary (a slice of a
+    bigger buffer) still gets exactly the reference's values."""
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    packed, state = Q.quantize_4bit(x, "nf4", 64, True)
+    buf = np.full(n + 2, np.nan, np.float32)
+    out = buf[1:n + 1] if buf.ctypes.data % 8 == 0 else buf[2:n + 2]
+    assert out.ctypes.data % 8 == 4
+    assert Q.dequantize_4bit(packed, state, out=out, serial=serial) is out
+    assert _same(out, R.dequantize_4bit(packed, state))
+
+
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 1001])
 def test_serial_dequantize_matches_the_parallel_one_bit_for_bit(n):
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
