@@ -162,7 +162,7 @@ class World:
         self.timeout, self.transport, self.log_all_ranks = float(timeout), transport, log_all_ranks
         self.shard_weight = 1.0
         self.calls = 0  # collectives started so far (the same count on every rank while in step)
-        self.state = "running"  # -> "done" (finalize at exit) or "failed" (say goodbye to the live ranks, exit)
+        self.state = "running"  # -> "done" (finalize at exit) or "failed" (farewell to the live ranks, abort)
         self.alive: list[int] = []
         self.peer_failed = False  # the launcher said a rank died (``_hear_failures``)
         self.exit_code = FAILED_EXIT  # the status MPI_Abort ends the job with after a failure
