@@ -21,9 +21,11 @@ Only the trainable tensors take part, packed into one contiguous buffer so that 
 
 Nothing waits for ever. Every collective is non-blocking and polled, with a time bound (``--dist-timeout``):
 when it runs out, the ranks still alive call the roll (a small message to every rank on a separate
-communicator), and each prints one line naming the ranks that did not answer and exits non-zero, within
-about twice the bound. At start the ranks agree on the configuration, the training data and the initial
-weights (compared by hash); a mismatch ends every rank with one line naming it.
+communicator), and each prints one line naming the ranks that did not answer, within about twice the
+bound; then it ends the whole job with ``MPI_Abort`` (exit status 2), which also takes down a rank that is
+frozen rather than dead. A rank that fails on its own (a bad file, a bug) aborts the job the same way once
+its line or traceback is out. At start the ranks agree on the configuration, the training data and the
+initial weights (compared by hash); a mismatch ends every rank with one line naming it.
 
 ``mpi4py`` is imported only when a ``World`` starts, so this module costs nothing without the ``mpi`` extra.
 """
