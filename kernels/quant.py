@@ -23,6 +23,10 @@ Layout and math (shared bit for bit by ``kernels.quant_ref`` (NumPy) and ``kerne
   The 4-bit codes are always computed against the exact absmax, as bitsandbytes does. (An absmax
   within a rounding step of the float32 maximum, ~3.4e38, may rebuild as Inf.)
 
+Dequantizing is a table lookup: on a CPU with AVX-512 (where Numba targets it), ``lookup32`` does 16
+lookups with one ``vpermps``; elsewhere a portable loop copies both values of a byte from a 256-entry pair
+table. Both give the same float32 products, so the same bits.
+
 Storage per parameter: 4 bits + 32/B bits (plain) or 4 + 8/B + 32/(256 B) bits (double quant, about
 4.127 at B = 64) plus one float32 offset per tensor.
 """
@@ -37,7 +41,12 @@ from fractions import Fraction
 from typing import Any, Callable
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nbtypes
+from numba.core import cgutils, config
+from numba.core.codegen import get_host_cpu_features
+from numba.extending import intrinsic
 
 __all__ = [
     "NF4_CODE",
@@ -468,6 +477,73 @@ def _quantize4_kernel(x, block, thr, step, base, packed, absmax):  # pragma: no 
             packed[e >> one] = np.uint8(np.int32(c0) << 4)
 
 
+# ------------------------------------------------------------------ AVX-512: one lookup, 16 values
+# Dequantizing is a lookup in a 16-entry table. Written as ``table[nibble]``, LLVM compiles it to one
+# scalar load per value; a 16-entry float32 table fills exactly one 512-bit register, and AVX-512's
+# ``vpermps`` picks 16 entries of it by 16 indices at once. ``lookup32`` turns 16 packed bytes into their
+# 32 values with two of them. Numba compiles for the machine it runs on, so it is used only where Numba's
+# code generator targets AVX-512 (``AVX512``); elsewhere the portable loop gives the same bits. It lives
+# in this file on purpose: Numba's disk cache of a kernel is checked against its own file only, so an
+# intrinsic edited in another file would leave stale machine code behind.
+
+
+def _codegen_has(feature: str) -> bool:
+    """Whether Numba's code generator targets ``feature`` (the host's, or the user's NUMBA_CPU_FEATURES)."""
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return f"+{feature}" in str(features).split(",")
+
+
+#: True where Numba generates AVX-512F code; calling ``lookup32`` elsewhere would fail to compile.
+AVX512: bool = _codegen_has("avx512f")
+
+_F32X16 = ir.VectorType(ir.FloatType(), 16)
+_I32X16 = ir.VectorType(ir.IntType(32), 16)
+_U8X16 = ir.VectorType(ir.IntType(8), 16)
+# vpermps: result[k] = table[index[k] & 15]
+_VPERMPS = ir.FunctionType(_F32X16, [_F32X16, _I32X16])
+# byte k's two values go to out[2k] (high nibble) and out[2k + 1] (low nibble)
+_FIRST_16 = ir.Constant(_I32X16, [i for k in range(8) for i in (k, 16 + k)])
+_LAST_16 = ir.Constant(_I32X16, [i for k in range(8, 16) for i in (k, 16 + k)])
+
+
+@intrinsic
+def lookup32(typingctx: Any, table: Any, packed: Any, i: Any, out: Any, o: Any, scale: Any) -> Any:
+    """out[o + 2k] = table[packed[i + k] >> 4] * scale, out[o + 2k + 1] = table[packed[i + k] & 15] * scale
+    for k < 16 (float32 products, as a scalar loop gives them).
+
+    ``table`` is a contiguous float32 array of 16 values; the caller keeps ``i + 16`` within ``packed`` and
+    ``o + 32`` within ``out`` (nothing here checks bounds).
+    """
+    sig = nbtypes.void(table, packed, i, out, o, scale)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        table_a, packed_a, i_v, out_a, o_v, scale_v = args
+        i_v = context.cast(builder, i_v, signature.args[2], nbtypes.intp)
+        o_v = context.cast(builder, o_v, signature.args[4], nbtypes.intp)
+        scale_v = context.cast(builder, scale_v, signature.args[5], nbtypes.float32)
+        data = [context.make_array(signature.args[k])(context, builder, a).data
+                for k, a in ((0, table_a), (1, packed_a), (3, out_a))]
+        table_p, packed_p, out_p = data
+        codes = builder.load(builder.bitcast(table_p, _F32X16.as_pointer()), align=4)
+        byte = builder.load(builder.bitcast(builder.gep(packed_p, [i_v]), _U8X16.as_pointer()), align=1)
+        wide = builder.zext(byte, _I32X16)
+        high = builder.lshr(wide, ir.Constant(_I32X16, [4] * 16))
+        low = builder.and_(wide, ir.Constant(_I32X16, [15] * 16))
+        vpermps = cgutils.get_or_insert_function(builder.module, _VPERMPS, "llvm.x86.avx512.permvar.sf.512")
+        high_v = builder.call(vpermps, [codes, high])
+        low_v = builder.call(vpermps, [codes, low])
+        one = builder.insert_element(ir.Constant(_F32X16, ir.Undefined), scale_v, ir.Constant(ir.IntType(32), 0))
+        scale_x16 = builder.shuffle_vector(one, one, ir.Constant(_I32X16, [0] * 16))
+        dst = builder.gep(out_p, [o_v])
+        for part, mask in ((0, _FIRST_16), (16, _LAST_16)):
+            values = builder.fmul(builder.shuffle_vector(high_v, low_v, mask), scale_x16)
+            at = builder.gep(dst, [ir.Constant(ir.IntType(64), part)])
+            builder.store(values, builder.bitcast(at, _F32X16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @functools.lru_cache(maxsize=None)
 def code_pairs(quant_type: str) -> np.ndarray:
     """(256, 2) float32: row q holds the codes of byte q's high and low nibble, in that order."""
@@ -528,6 +604,34 @@ def _njit_as(name: str, fn: Callable[..., None], **flags: bool) -> Any:
     return njit(cache=True, nogil=True, **flags)(copy)
 
 
+def _dequantize4_avx512_loop(packed, absmax, block, table, out):  # pragma: no cover - compiled
+    """out[i] = code[nibble i] * absmax[i // block] with ``lookup32`` (AVX-512): 32 values per instruction
+    pair, the same float32 products as ``_dequantize4_loop``, so the same bits.
+
+    ``table`` is the 16-entry code book (``code_table``). A step of 32 values starts at a multiple of
+    32 and ``block`` is a power of two from 32, so a step never straddles two blocks; the tail of fewer
+    than 32 values (all in the last block) is looked up one by one.
+    """
+    n = out.size
+    steps = n // 32
+    per_block = block // 32
+    nb = absmax.size
+    for g in prange((nb + _DEQUANT_GROUP - 1) // _DEQUANT_GROUP):  # a plain range in the serial build
+        for b in range(g * _DEQUANT_GROUP, min(g * _DEQUANT_GROUP + _DEQUANT_GROUP, nb)):
+            a = absmax[b]
+            for c in range(b * per_block, min(b * per_block + per_block, steps)):
+                lookup32(table, packed, c * 16, out, c * 32, a)
+    for i in range(steps * 32, n):
+        q = np.int64(packed[i >> 1])
+        out[i] = table[(q >> 4) if (i & 1) == 0 else (q & 15)] * absmax[i // block]
+
+
+@functools.lru_cache(maxsize=None)
+def code_table(quant_type: str) -> np.ndarray:
+    """The 16-entry float32 code book as a contiguous array (writeable: see ``code_pairs``)."""
+    return np.array(_CODES[quant_type], dtype=np.float32)
+
+
 _dequantize4_kernel = _njit_as("_dequantize4_kernel", _dequantize4_loop, parallel=True)
 
 # _dequantize4_kernel on the calling thread only (same loop, same result bit for bit). For callers
@@ -535,6 +639,11 @@ _dequantize4_kernel = _njit_as("_dequantize4_kernel", _dequantize4_loop, paralle
 # region's start-up and thread wake-ups cost more than they save, and on a busy 2-core machine the
 # region also waits for a second core (measured: a QLoRA step ~10% slower).
 _dequantize4_serial_kernel = _njit_as("_dequantize4_serial_kernel", _dequantize4_loop)
+
+# The AVX-512 loop in the same two builds; compiled on first use, and used only where Numba targets
+# AVX-512 (``AVX512``).
+_dequantize4_avx512_kernel = _njit_as("_dequantize4_avx512_kernel", _dequantize4_avx512_loop, parallel=True)
+_dequantize4_avx512_serial_kernel = _njit_as("_dequantize4_avx512_serial_kernel", _dequantize4_avx512_loop)
 
 
 @njit(cache=True, nogil=True)
@@ -666,8 +775,12 @@ def dequantize_4bit(
         )
     if state.n:
         absmax = dequantize_absmax(state)
-        kernel = _dequantize4_serial_kernel if serial else _dequantize4_kernel
         flat = out.reshape(-1)
+        if AVX512:
+            kernel = _dequantize4_avx512_serial_kernel if serial else _dequantize4_avx512_kernel
+            kernel(np.ascontiguousarray(packed), absmax, state.block_size, code_table(state.quant_type), flat)
+            return out
+        kernel = _dequantize4_serial_kernel if serial else _dequantize4_kernel
         # the kernel stores value pairs as 8-byte words: an ``out`` that starts mid-word gets a copy
         mid_word = given and flat.size > 1 and not flat[:2].view(np.uint64).flags.aligned
         aligned = np.empty(flat.size, dtype=np.float32) if mid_word else flat

@@ -282,9 +282,32 @@ def test_dequantize_writes_into_out(impl):
             impl.dequantize_4bit(packed, state, out=bad)
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def lookup(request, monkeypatch):
+    """Runs a test through each 4-bit lookup loop that this machine can compile (``dequantize_4bit``
+    picks the AVX-512 one wherever Numba targets AVX-512)."""
+    if request.param == "avx512" and not Q.AVX512:
+        pytest.skip("Numba does not generate AVX-512 code on this machine")
+    monkeypatch.setattr(Q, "AVX512", request.param == "avx512")
+    return request.param
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("block_size", [32, 64, 4096])
+# tails shorter than one 32-value step, odd counts, and several groups of 64 blocks
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 95, 4096 + 31, 64 * 64 * 3 + 33])
+def test_each_lookup_loop_matches_the_reference_bit_for_bit(lookup, quant_type, block_size, n):
+    x = np.random.default_rng(n + block_size).standard_normal(n).astype(np.float32) * 3
+    x[::7] = 0.0  # zero codes, and FP4's signed zero
+    packed, state = Q.quantize_4bit(x, quant_type, block_size, double_quant=n % 2 == 1)
+    ref = R.dequantize_4bit(packed, state)
+    assert _same(Q.dequantize_4bit(packed, state), ref)
+    assert _same(Q.dequantize_4bit(packed, state, serial=True), ref)
+
+
 @pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("n", [1, 63, 4097, 64 * 64 * 3 + 33])  # odd tails; several groups of 64 blocks
-def test_dequantize_into_an_out_that_starts_mid_word_matches_the_reference(n, serial):
+def test_dequantize_into_an_out_that_starts_mid_word_matches_the_reference(lookup, n, serial):
     """The kernel writes value pairs as 8-byte words; an ``out`` 4 bytes past a word boundary (a slice of a
     bigger buffer) still gets exactly the reference's values."""
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
@@ -297,7 +320,7 @@ def test_dequantize_into_an_out_that_starts_mid_word_matches_the_reference(n, se
 
 
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 1001])
-def test_serial_dequantize_matches_the_parallel_one_bit_for_bit(n):
+def test_serial_dequantize_matches_the_parallel_one_bit_for_bit(lookup, n):
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     packed, state = Q.quantize_4bit(x, "fp4", 32, True)
     assert _same(Q.dequantize_4bit(packed, state, serial=True), Q.dequantize_4bit(packed, state))
@@ -306,9 +329,12 @@ def test_serial_dequantize_matches_the_parallel_one_bit_for_bit(n):
 def test_dequantize_twins_are_compiled_apart_with_their_own_cache_files():
     """One loop compiled twice: Numba's disk cache keys on the function's name, not on its flags, so
     the twins need their own names, or the serial one would load the parallel machine code."""
-    par, ser = Q._dequantize4_kernel, Q._dequantize4_serial_kernel
-    assert par.targetoptions.get("parallel") is True and not ser.targetoptions.get("parallel")
-    assert par._cache._cache_file._index_name != ser._cache._cache_file._index_name
+    for par, ser in (
+        (Q._dequantize4_kernel, Q._dequantize4_serial_kernel),
+        (Q._dequantize4_avx512_kernel, Q._dequantize4_avx512_serial_kernel),
+    ):
+        assert par.targetoptions.get("parallel") is True and not ser.targetoptions.get("parallel")
+        assert par._cache._cache_file._index_name != ser._cache._cache_file._index_name
 
 
 def test_readonly_and_non_float32_inputs():
