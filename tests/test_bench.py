@@ -119,6 +119,17 @@ def test_report_sections(quick: tuple[dict, str]) -> None:
         assert needle in out, needle
 
 
+@pytest.mark.slow
+def test_each_step_target_reads_its_own_measured_ratio(quick: tuple[dict, str]) -> None:
+    res = quick[0]
+    m = res["models"]["small"]
+    got = {t["what"]: t["value"] for t in res["targets"] if t["model"] == "small"}
+    assert got["QLoRA forward / full forward"] == m["ratios"]["forward_vs_full"]["qlora"]
+    assert got["QLoRA step / LoRA step"] == m["ratios"]["train_step_vs_lora"]["qlora"]
+    assert got["LoRA unmerged forward / full forward"] == m["ratios"]["forward_vs_full"]["lora_unmerged"]
+    assert len({t["what"] for t in res["targets"]}) == len(res["targets"])  # no row twice for one model
+
+
 # ------------------------------------------------------------------------------------ errors
 
 

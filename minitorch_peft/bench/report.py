@@ -19,6 +19,7 @@ TARGETS = (
     ("LoRA merged forward / full forward", 1.05),
     ("DoRA step / LoRA step", 1.5),
     ("QLoRA step / LoRA step", 1.3),
+    ("QLoRA forward / full forward", 1.5),
     ("engine full step / hand-written NumPy full step", 1.15),
     ("one training epoch (LoRA) / PyTorch", 0.65),
     ("one training epoch (full) / PyTorch", 0.6),
@@ -236,19 +237,21 @@ def targets(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> list
     torch = res.get("compare", {}).get("torch", {}).get("models", {})
     for name, m in res["models"].items():
         t = torch.get(name, {}).get("ratio", {})
-        values = {
-            TARGETS[0][0]: t.get("train_step_ms", {}).get("lora"),
-            TARGETS[1][0]: t.get("train_step_ms", {}).get("full"),
-            TARGETS[2][0]: m["ratios"]["forward_vs_full"].get("lora_unmerged"),
-            TARGETS[3][0]: m["ratios"]["forward_vs_full"].get("lora_merged"),
-            TARGETS[4][0]: m["ratios"]["train_step_vs_lora"].get("dora"),
-            TARGETS[5][0]: m["ratios"]["train_step_vs_lora"].get("qlora"),
-            TARGETS[6][0]: m["engine_overhead"]["full_step_engine_over_hand"],
-        }
-        for what, limit in TARGETS[:7]:
+        step_targets = TARGETS[:8]
+        values = dict(zip((what for what, _ in step_targets), (
+            t.get("train_step_ms", {}).get("lora"),
+            t.get("train_step_ms", {}).get("full"),
+            m["ratios"]["forward_vs_full"].get("lora_unmerged"),
+            m["ratios"]["forward_vs_full"].get("lora_merged"),
+            m["ratios"]["train_step_vs_lora"].get("dora"),
+            m["ratios"]["train_step_vs_lora"].get("qlora"),
+            m["ratios"]["forward_vs_full"].get("qlora"),
+            m["engine_overhead"]["full_step_engine_over_hand"],
+        )))
+        for what, limit in step_targets:
             out.append(_target(name, what, limit, values[what]))
     e = res.get("epoch", {}).get("methods", {})
-    for (what, limit), method in zip(TARGETS[7:], ("lora", "full")):
+    for (what, limit), method in zip(TARGETS[8:], ("lora", "full")):
         v = e.get(method, {}).get("ratio")
         if v is not None:
             out.append(_target("small", what, limit, v))
