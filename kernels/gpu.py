@@ -275,18 +275,22 @@ def adam_step(
     lr: float, beta1: float, beta2: float, eps: float, step: int,
     weight_decay: float = 0.0, decoupled: bool = True,
 ) -> None:
-    """In place, one fused kernel: the update of kernels.cpu.adam_step (AdamW when ``decoupled``)."""
+    """In place, one fused kernel: the update of kernels.cpu.adam_step (AdamW when ``decoupled``), moments
+    below the smallest normal number stored as 0 as there (a GPU is not slowed by subnormals, but the two
+    devices keep the same optimizer state)."""
     t = np.dtype(p.dtype).type
     l2 = weight_decay if (weight_decay and not decoupled) else 0.0
     decay = 1.0 - lr * weight_decay if (weight_decay and decoupled) else 1.0
     kernel = _elementwise(
         "mtp_adam_step",
-        "T g, T step_size, T beta1, T beta2, T eps, T bc2_sqrt, T decay, T l2",
+        "T g, T step_size, T beta1, T beta2, T eps, T bc2_sqrt, T decay, T l2, T tiny",
         "T p, T m, T v",
         """
         T gi = l2 != (T)0 ? g + l2 * p : g;
         T mi = beta1 * m + ((T)1 - beta1) * gi;
         T vi = beta2 * v + ((T)1 - beta2) * gi * gi;
+        if (mi < tiny && mi > -tiny) mi = (T)0;
+        if (vi < tiny) vi = (T)0;
         m = mi;
         v = vi;
         p = p * decay - step_size * mi / (sqrt(vi) / bc2_sqrt + eps);
@@ -294,7 +298,7 @@ def adam_step(
     )
     kernel(
         g, t(lr / (1.0 - beta1**step)), t(beta1), t(beta2), t(eps), t(np.sqrt(1.0 - beta2**step)), t(decay), t(l2),
-        p, m, v,
+        t(np.finfo(p.dtype).tiny), p, m, v,
     )
 
 

@@ -121,8 +121,11 @@ def adam_step(
 ) -> None:
     if weight_decay and not decoupled:
         g = g + weight_decay * p
-    m[...] = beta1 * m + (1 - beta1) * g
-    v[...] = beta2 * v + (1 - beta2) * g * g
+    tiny = xp.finfo(p.dtype).smallest_normal  # moments below it are stored as 0, as kernels/cpu.py does
+    mi = beta1 * m + (1 - beta1) * g
+    vi = beta2 * v + (1 - beta2) * g * g
+    m[...] = xp.where(xp.abs(mi) >= tiny, mi, xp.zeros_like(mi))
+    v[...] = xp.where(vi >= tiny, vi, xp.zeros_like(vi))
     decay = 1.0 - lr * weight_decay if (weight_decay and decoupled) else 1.0
     step_size = lr / (1.0 - beta1**step)
     p[...] = p * decay - step_size * m / (xp.sqrt(v) / math.sqrt(1.0 - beta2**step) + eps)

@@ -193,6 +193,43 @@ def test_adam_step_matches_cpu(backend: Backend, weight_decay: float, decoupled:
     assert_all_close(backend, [p, m, v], _adam_ref(p0, g, 3, **kw), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_stores_moments_below_the_smallest_normal_as_zero(backend: Backend, dtype: Any) -> None:
+    """Subnormal moments (slow on x86) become 0, on every backend; normal ones are kept."""
+    tiny = np.finfo(dtype).tiny
+    m0 = np.array([tiny * 0.5, -tiny * 0.25, tiny * 1.5, 0.0, 1e-3, -tiny * 2], dtype=dtype)
+    v0 = np.array([tiny * 0.5, tiny * 3, tiny * 0.9, 0.0, 1e-6, tiny * 2], dtype=dtype)
+    p, g, m, v = dev(backend, np.ones(6, dtype), np.zeros(6, dtype), m0, v0)
+    backend.kernels.adam_step(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=5)
+    got_m, got_v = host(backend, m), host(backend, v)
+    np.testing.assert_array_equal(got_m[[0, 1, 3]], 0.0)
+    np.testing.assert_array_equal(got_v[[0, 2, 3]], 0.0)
+    # 0.9 * 1.5 tiny and 0.999 * 3 tiny are normal: kept, as the plain formula gives them
+    assert got_m[2] == dtype(0.9) * m0[2] and got_v[1] == dtype(0.999) * v0[1]
+    assert got_m[4] == dtype(0.9) * m0[4] and abs(got_m[5]) >= tiny
+
+
+def test_adam_flushing_moments_leaves_the_weights_bit_identical() -> None:
+    """A weight whose gradient is 0 after its first step: m decays to subnormal (~830 steps in float32) and
+    is then stored as 0; the weight still takes exactly the steps the plain formula gives, bit for bit."""
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(64).astype(np.float32) * np.float32(0.05)
+    g1 = rng.standard_normal(64).astype(np.float32) * np.float32(1e-4)
+    f = np.float32
+    p, m, v = p0.copy(), np.zeros(64, f), np.zeros(64, f)
+    rp, rm, rv = p0.copy(), np.zeros(64, f), np.zeros(64, f)
+    b1, b2, lr, eps = f(0.9), f(0.999), 1e-3, f(1e-8)
+    for t in range(1, 1201):
+        g = g1 if t == 1 else np.zeros(64, f)
+        cpu.adam_step(p, g, m, v, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, step=t)
+        rm = b1 * rm + f(0.1) * g  # the formula without the flush, in float32, operation for operation
+        rv = b2 * rv + f(1 - 0.999) * g * g
+        rp = rp - f(lr / (1 - 0.9**t)) * rm / (np.sqrt(rv) / f(np.sqrt(1 - 0.999**t)) + eps)
+    assert np.count_nonzero((rm != 0) & (np.abs(rm) < np.finfo(f).tiny)) > 0  # the reference went subnormal
+    assert not np.any(m) and np.all(np.abs(rm) < np.finfo(f).tiny)
+    np.testing.assert_array_equal(p, rp)
+
+
 def test_adam_step_updates_strided_views_in_place(backend: Backend) -> None:
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
     p0, g = f32(6, 8), f32(4, 6, seed=1)
