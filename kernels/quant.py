@@ -558,7 +558,18 @@ def code_pairs(quant_type: str) -> np.ndarray:
 _DEQUANT_GROUP = 64
 
 
-def _dequantize4_loop(packed, absmax, block, pairs, out):  # pragma: no cover - compiled
+@njit(cache=True, inline="always")
+def _block_absmax(b, absmax, codes, scale, offset):  # pragma: no cover - compiled
+    """Block b's absmax: stored (``absmax``), or, where ``absmax`` is empty (double quantization), rebuilt
+    from its 8-bit code as ``float32(DQ8_CODE[k] * scale) + offset``, the two roundings of
+    ``_dequantize8_kernel``: decoding inside the 4-bit loop saves a pass and an array per call."""
+    if absmax.size:
+        return absmax[b]
+    t = DQ8_CODE[codes[b]] * scale[b // DQ_BLOCK_SIZE]
+    return t + offset
+
+
+def _dequantize4_loop(packed, absmax, codes, scale, offset, block, pairs, out):  # pragma: no cover - compiled
     """out[i] = code[nibble i] * absmax[i // block]; compiled twice below (parallel and serial).
 
     Each byte holds two codes, so ``pairs`` (``code_pairs``: row q = the codes of byte q's two nibbles)
@@ -569,7 +580,7 @@ def _dequantize4_loop(packed, absmax, block, pairs, out):  # pragma: no cover - 
     sees to it) and ``block`` even (a power of two from 32).
     """
     n = out.size
-    nb = absmax.size
+    nb = (n + block - 1) // block
     pair = pairs.reshape(-1).view(np.uint64)  # a byte copy: the same on either endianness
     for g in prange((nb + _DEQUANT_GROUP - 1) // _DEQUANT_GROUP):  # a plain range in the serial build
         b0 = g * _DEQUANT_GROUP
@@ -584,7 +595,7 @@ def _dequantize4_loop(packed, absmax, block, pairs, out):  # pragma: no cover - 
         if (e - s) & 1:  # an odd number of values in all: the last byte's high nibble
             out[e - 1] = pairs[packed[e >> 1], 0]
         for b in range(b0, b1):
-            a = absmax[b]
+            a = _block_absmax(b, absmax, codes, scale, offset)
             values = out[b * block: min(b * block + block, n)]
             for i in range(values.size):
                 values[i] *= a
@@ -604,7 +615,7 @@ def _njit_as(name: str, fn: Callable[..., None], **flags: bool) -> Any:
     return njit(cache=True, nogil=True, **flags)(copy)
 
 
-def _dequantize4_avx512_loop(packed, absmax, block, table, out):  # pragma: no cover - compiled
+def _dequantize4_avx512_loop(packed, absmax, codes, scale, offset, block, table, out):  # pragma: no cover - compiled
     """out[i] = code[nibble i] * absmax[i // block] with ``lookup32`` (AVX-512): 32 values per instruction
     pair, the same float32 products as ``_dequantize4_loop``, so the same bits.
 
@@ -615,15 +626,17 @@ def _dequantize4_avx512_loop(packed, absmax, block, table, out):  # pragma: no c
     n = out.size
     steps = n // 32
     per_block = block // 32
-    nb = absmax.size
+    nb = (n + block - 1) // block
     for g in prange((nb + _DEQUANT_GROUP - 1) // _DEQUANT_GROUP):  # a plain range in the serial build
         for b in range(g * _DEQUANT_GROUP, min(g * _DEQUANT_GROUP + _DEQUANT_GROUP, nb)):
-            a = absmax[b]
+            a = _block_absmax(b, absmax, codes, scale, offset)
             for c in range(b * per_block, min(b * per_block + per_block, steps)):
                 lookup32(table, packed, c * 16, out, c * 32, a)
-    for i in range(steps * 32, n):
-        q = np.int64(packed[i >> 1])
-        out[i] = table[(q >> 4) if (i & 1) == 0 else (q & 15)] * absmax[i // block]
+    if steps * 32 < n:
+        a = _block_absmax(nb - 1, absmax, codes, scale, offset)  # the tail lies in the last block
+        for i in range(steps * 32, n):
+            q = np.int64(packed[i >> 1])
+            out[i] = table[(q >> 4) if (i & 1) == 0 else (q & 15)] * a
 
 
 @functools.lru_cache(maxsize=None)
@@ -746,6 +759,11 @@ def dequantize_absmax(state: QuantState) -> np.ndarray:
     return out
 
 
+# the arrays a kernel gets for the absmax representation a state does not use
+_NO_CODES = np.empty(0, dtype=np.uint8)
+_NO_SCALE = np.empty(0, dtype=np.float32)
+
+
 def dequantize_4bit(
     packed: np.ndarray, state: QuantState, out: np.ndarray | None = None, validate: bool = True,
     serial: bool = False,
@@ -774,17 +792,23 @@ def dequantize_4bit(
             f"{getattr(out, 'dtype', type(out))} of shape {getattr(out, 'shape', None)}"
         )
     if state.n:
-        absmax = dequantize_absmax(state)
+        if state.absmax is not None:
+            absmax, codes, scale, offset = np.ascontiguousarray(state.absmax), _NO_CODES, _NO_SCALE, np.float32(0)
+        else:  # double quantization: the kernel rebuilds each block's absmax itself
+            absmax, codes, scale = _NO_SCALE, np.ascontiguousarray(state.absmax_codes), np.ascontiguousarray(state.absmax_scale)
+            offset = np.float32(state.absmax_offset.reshape(()))
         flat = out.reshape(-1)
         if AVX512:
             kernel = _dequantize4_avx512_serial_kernel if serial else _dequantize4_avx512_kernel
-            kernel(np.ascontiguousarray(packed), absmax, state.block_size, code_table(state.quant_type), flat)
+            kernel(np.ascontiguousarray(packed), absmax, codes, scale, offset, state.block_size,
+                   code_table(state.quant_type), flat)
             return out
         kernel = _dequantize4_serial_kernel if serial else _dequantize4_kernel
         # the kernel stores value pairs as 8-byte words: an ``out`` that starts mid-word gets a copy
         mid_word = given and flat.size > 1 and not flat[:2].view(np.uint64).flags.aligned
         aligned = np.empty(flat.size, dtype=np.float32) if mid_word else flat
-        kernel(np.ascontiguousarray(packed), absmax, state.block_size, code_pairs(state.quant_type), aligned)
+        kernel(np.ascontiguousarray(packed), absmax, codes, scale, offset, state.block_size,
+               code_pairs(state.quant_type), aligned)
         if aligned is not flat:
             flat[...] = aligned
     return out
