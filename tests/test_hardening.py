@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import http.server
 import json
+import os
 import shutil
 import socket
 import threading
@@ -379,6 +380,12 @@ def test_9_a_flipped_byte_in_a_canonical_file_is_caught_and_a_good_one_remembere
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # unpacked, as some users keep them
         (folder / name).write_bytes(gzip.decompress((DATA / "mnist" / f"{name}.gz").read_bytes()))
     clear_cache()
+    load_mnist_like("mnist", "test", tmp_path / "data")  # files written a moment ago: checked, not remembered
+    assert not (tmp_path / "xdg" / "minitorch_peft" / "verified.json").exists()
+    old = time.time() - 60
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # as if downloaded a minute ago
+        os.utime(folder / name, (old, old))
+    clear_cache()
     load_mnist_like("mnist", "test", tmp_path / "data")
     stamps = json.loads((tmp_path / "xdg" / "minitorch_peft" / "verified.json").read_text())
     assert len(stamps) == 2
@@ -390,7 +397,7 @@ def test_9_a_flipped_byte_in_a_canonical_file_is_caught_and_a_good_one_remembere
     labels = folder / "t10k-labels-idx1-ubyte"
     data = bytearray(labels.read_bytes())
     data[100] = (data[100] + 1) % 10  # still a valid label file
-    labels.write_bytes(bytes(data))
+    labels.write_bytes(bytes(data))  # a new modification time: checked anew
     clear_cache()
     with pytest.raises(DataError, match="is not the canonical mnist t10k-labels-idx1-ubyte"):
         load_mnist_like("mnist", "test", tmp_path / "data")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -151,6 +152,7 @@ def decode_split(images_path: str | os.PathLike[str], labels_path: str | os.Path
 
 
 VERIFIED_FILE = "verified.json"
+RACY_SECONDS = 2  # a file younger than this is verified every time (see verify_canonical)
 
 
 def _sha256(path: Path) -> str:
@@ -181,6 +183,8 @@ def verify_canonical(name: str, path: Path) -> None:
     the header fixes the length) or the user's own data; a flipped byte keeps the size and is caught
     here. A file once verified is remembered in ``<cache>/verified.json`` by path, size and
     modification time, so later runs do not hash 55 MB again; any change to the file makes it checked anew.
+    A file modified within the last ``RACY_SECONDS`` is verified but not remembered: file times tick
+    coarsely (a few ms), so a same-size rewrite in the same tick would keep the stamp (git's "racy clean").
     """
     known = _download.CANONICAL.get(name, {}).get(path.name)
     if known is None:
@@ -198,6 +202,8 @@ def verify_canonical(name: str, path: Path) -> None:
             f"{path}: SHA-256 {got} is not the canonical {name} {path.name} ({sha}): the file is damaged or "
             f"altered; delete it (a fresh copy is downloaded into the cache when missing)"
         )
+    if time.time_ns() - stamp[1] < RACY_SECONDS * 1_000_000_000:
+        return
     stamps[key] = [*stamp, sha]
     with contextlib.suppress(OSError):  # remembering is an optimisation: a read-only cache only costs time
         folder = cache_dir()
