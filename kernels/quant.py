@@ -797,6 +797,11 @@ def dequantize_4bit(
         else:  # double quantization: the kernel rebuilds each block's absmax itself
             absmax, codes, scale = _NO_SCALE, np.ascontiguousarray(state.absmax_codes), np.ascontiguousarray(state.absmax_scale)
             offset = np.float32(state.absmax_offset.reshape(()))
+        # O(1) size checks even without ``validate``: the compiled loops index without bounds checks
+        nb = _n_blocks(state.n, state.block_size)
+        fits = absmax.size == nb if absmax.size else (codes.size == nb and scale.size == _n_blocks(nb, DQ_BLOCK_SIZE))
+        if not fits or np.size(packed) < (state.n + 1) // 2:
+            raise ValueError(f"packed codes or absmax arrays do not fit a QuantState of shape {state.shape}")
         flat = out.reshape(-1)
         if AVX512:
             kernel = _dequantize4_avx512_serial_kernel if serial else _dequantize4_avx512_kernel

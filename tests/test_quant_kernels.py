@@ -458,3 +458,17 @@ def test_bytes_for_the_784_512_256_10_mlp(impl):
         assert s.absmax is None and s.absmax_codes.dtype == np.uint8
         assert s.absmax_scale.dtype == np.float32 and s.absmax_scale.size == -(-s.n_blocks // 256)
         assert s.absmax_offset.dtype == np.float32 and s.absmax_offset.size == 1
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_unvalidated_dequantize_still_refuses_arrays_too_short_for_the_shape(double_quant):
+    """validate=False skips the O(n) checks, never the sizes: the compiled loops do not check bounds."""
+    packed, state = Q.quantize_4bit(np.ones(64 * 300, np.float32), "nf4", 64, double_quant)
+    with pytest.raises(ValueError, match="do not fit"):
+        Q.dequantize_4bit(packed[:-1], state, validate=False)
+    if double_quant:
+        short = state.with_double_quant(state.absmax_codes[:-1], state.absmax_scale, state.absmax_offset)
+    else:
+        short = Q.QuantState(shape=state.shape, quant_type="nf4", block_size=64, absmax=state.absmax[:-1])
+    with pytest.raises(ValueError, match="do not fit"):
+        Q.dequantize_4bit(packed, short, validate=False)
