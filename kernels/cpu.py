@@ -280,11 +280,13 @@ def adam_step(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _sgd_kernel(p, g, buf, lr, momentum, weight_decay, first):  # pragma: no cover - JIT
+def _sgd_kernel(p, g, buf, lr, momentum, weight_decay, first, tiny):  # pragma: no cover - JIT
+    zero = tiny - tiny
     for i in range(p.size):
         gi = g[i] + weight_decay * p[i]
         if momentum != 0:
             bi = gi if first else momentum * buf[i] + gi
+            bi = bi if abs(bi) >= tiny else zero  # a decayed buffer is stored as 0, as Adam's moments
             buf[i] = bi
             gi = bi
         p[i] -= lr * gi
@@ -300,7 +302,10 @@ def sgd_step(
     weight_decay: float,
     first: bool,
 ) -> None:
-    """In place: g' = g + wd p; buf = mu buf + g' (buf = g' on the first step); p -= lr * buf."""
+    """In place: g' = g + wd p; buf = mu buf + g' (buf = g' on the first step); p -= lr * buf.
+
+    A momentum buffer below the smallest normal number is stored as 0, for the reason ``adam_step`` gives.
+    """
     if not (p.flags.c_contiguous and (buf is None or buf.flags.c_contiguous)):
         # reshape(-1) of a strided array is a copy: update contiguous copies, then write them back
         pc = np.ascontiguousarray(p)
@@ -312,7 +317,7 @@ def sgd_step(
         return
     t = p.dtype.type
     b = buf.reshape(-1) if buf is not None else p.reshape(-1)[:0]
-    _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first)
+    _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first, t(np.finfo(p.dtype).tiny))
 
 
 # ------------------------------------------------------------------------------------ quantization

@@ -313,11 +313,12 @@ def sgd_step(
         return
     kernel = _elementwise(
         "mtp_sgd_momentum_step",
-        "T g, T lr, T momentum, T wd, bool first",
+        "T g, T lr, T momentum, T wd, bool first, T tiny",
         "T p, T buf",
-        "T gi = g + wd * p; T bi = first ? gi : momentum * buf + gi; buf = bi; p -= lr * bi;",
+        "T gi = g + wd * p; T bi = first ? gi : momentum * buf + gi; if (bi < tiny && bi > -tiny) bi = (T)0;"
+        " buf = bi; p -= lr * bi;",
     )
-    kernel(g, t(lr), t(momentum), t(weight_decay), np.bool_(first), p, buf)
+    kernel(g, t(lr), t(momentum), t(weight_decay), np.bool_(first), t(np.finfo(p.dtype).tiny), p, buf)
 
 
 # ------------------------------------------------------------------------------------ quantization

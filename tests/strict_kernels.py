@@ -134,6 +134,7 @@ def adam_step(
 def sgd_step(p: Any, g: Any, buf: Any | None, *, lr: float, momentum: float, weight_decay: float, first: bool) -> None:
     g = g + weight_decay * p
     if buf is not None and momentum:
-        buf[...] = g if first else momentum * buf + g
+        b = g if first else momentum * buf + g
+        buf[...] = xp.where(xp.abs(b) >= xp.finfo(p.dtype).smallest_normal, b, xp.zeros_like(b))
         g = buf
     p[...] = p - lr * g

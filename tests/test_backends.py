@@ -209,6 +209,17 @@ def test_adam_stores_moments_below_the_smallest_normal_as_zero(backend: Backend,
     assert got_m[4] == dtype(0.9) * m0[4] and abs(got_m[5]) >= tiny
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_stores_a_momentum_buffer_below_the_smallest_normal_as_zero(backend: Backend, dtype: Any) -> None:
+    tiny = np.finfo(dtype).tiny
+    b0 = np.array([tiny * 0.5, -tiny * 0.25, tiny * 1.5, 1e-3], dtype=dtype)
+    p, g, buf = dev(backend, np.ones(4, dtype), np.zeros(4, dtype), b0)
+    backend.kernels.sgd_step(p, g, buf, lr=0.1, momentum=0.9, weight_decay=0.0, first=False)
+    got = host(backend, buf)
+    np.testing.assert_array_equal(got[:2], 0.0)
+    assert got[2] == dtype(0.9) * b0[2] and got[3] == dtype(0.9) * b0[3]
+
+
 def test_adam_flushing_moments_leaves_the_weights_bit_identical() -> None:
     """A weight whose gradient is 0 after its first step: m decays to subnormal (~830 steps in float32) and
     is then stored as 0; the weight still takes exactly the steps the plain formula gives, bit for bit."""
