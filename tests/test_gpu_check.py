@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, needs_mnist
+from conftest import DATA, DATA_MISSING, ROOT, needs_mnist
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 DEVICE_HAS = {"numpy", "numba", "llvmlite", "pip"}  # besides CuPy (faked here) and PyTorch (bench only)
@@ -89,8 +89,8 @@ def run_script(tree: Path, *args: str, env: dict[str, str] | None = None, timeou
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """A copy of the working tree after ``gpu_check.sh --prepare`` ran with this interpreter's packages."""
-    if not (DATA / "mnist").is_dir():
-        pytest.skip(f"MNIST not found at {DATA}")
+    if DATA_MISSING is not None:
+        pytest.skip(DATA_MISSING)
     tree = copy_tree(tmp_path_factory.mktemp("tree"))
     done = run_script(tree, "--prepare", env={"PYTHON": sys.executable, "MINITORCH_PEFT_DATA": str(DATA)})
     return tree, done

@@ -370,7 +370,7 @@ def test_9_gzip_bomb_is_not_decompressed(tmp_path: Path) -> None:
         read_idx(huge)
 
 
-@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST not found at {DATA}")
+@needs_mnist
 def test_9_a_flipped_byte_in_a_canonical_file_is_caught_and_a_good_one_remembered(tmp_path: Path, monkeypatch) -> None:
     from minitorch_peft.data import DataError, clear_cache, datasets, load_mnist_like
 
