@@ -469,3 +469,18 @@ def test_signature_of_backend_helpers() -> None:
     assert be.astype(a, np.float32).dtype == np.float32
     assert be.permute_dims(a, (1, 0)).shape == (3, 2) and be.matrix_transpose(a).shape == (3, 2)
     assert "copy" in inspect.signature(be.astype).parameters
+
+
+@pytest.mark.parametrize("out", [10, 1023, 1024, 2048])
+def test_cpu_linear_forward_gives_the_plain_products_bits_on_both_paths(out: int) -> None:
+    """From WIDE_OUT out features the product is computed transposed, for speed; the bits must not change."""
+    rng = np.random.default_rng(out)
+    x = rng.standard_normal((64, 784)).astype(np.float32)
+    w = rng.standard_normal((out, 784)).astype(np.float32)
+    b = rng.standard_normal(out).astype(np.float32)
+    y = cpu.linear_forward(x, w, b)
+    want = x @ w.T
+    want += b
+    assert y.flags.c_contiguous and y.tobytes() == want.tobytes()
+    y3 = cpu.linear_forward(x.reshape(4, 16, 784), w, None)  # a leading batch shape
+    assert y3.shape == (4, 16, out) and y3.reshape(64, out).tobytes() == (x @ w.T).tobytes()
