@@ -269,7 +269,7 @@ def adam_step(
     step and goes subnormal within a few hundred steps; arithmetic on subnormals takes a slow microcode
     path on x86 CPUs, and measured on the full fine-tuning epoch's state it made this kernel 3.6x slower.
     The weight does not notice: an update of lr * 1e-38 / eps is far below half an ulp of any weight
-    above about 1e-26 (a trained MLP's weights are the same bits either way; ``tests/test_optim.py``).
+    above about 1e-26 (a trained MLP's weights are the same bits either way; ``tests/test_backends.py``).
 
     One pass over memory and no allocation. ``decoupled`` weight decay (AdamW) scales p by
     (1 - lr*wd) first; coupled (classic Adam L2) adds wd*p to the gradient, which needs a temporary.
