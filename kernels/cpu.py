@@ -337,7 +337,7 @@ def sgd_step(
         return
     t = p.dtype.type
     b = buf.reshape(-1) if buf is not None else p.reshape(-1)[:0]
-    _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first, t(np.finfo(p.dtype).tiny))
+    _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first, t(_tiny(p.dtype)))
 
 
 # ------------------------------------------------------------------------------------ quantization
