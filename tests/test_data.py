@@ -442,7 +442,7 @@ def test_download_corrupted_is_rejected(server: types.SimpleNamespace, isolated:
         hashlib.sha256(corrupt).hexdigest(),
     )
     assert str(isolated / "mnist") in msg
-    assert list((isolated / "mnist").iterdir()) == []  # neither the bad file nor a temp file
+    assert not (isolated / "mnist").exists()  # no empty folder left to look like a cache  # neither the bad file nor a temp file
 
 
 def test_download_corrupted_then_good_mirror(server: types.SimpleNamespace, isolated: Path) -> None:
@@ -467,18 +467,18 @@ def test_download_404_everywhere(server: types.SimpleNamespace, isolated: Path) 
         ENV_VAR,
         "--data-dir",
     )
-    assert list((isolated / "mnist").iterdir()) == []
+    assert not (isolated / "mnist").exists()  # no empty folder left to look like a cache
 
 
 def test_download_cut_off_body(server: types.SimpleNamespace, isolated: Path) -> None:
     expect_data_error(lambda: load_mnist_like("mnist", "test", mirrors=[server.url("short")]), TEST_FILES[0])
-    assert list((isolated / "mnist").iterdir()) == []
+    assert not (isolated / "mnist").exists()  # no empty folder left to look like a cache
 
 
 def test_download_size_cap(server: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
     monkeypatch.setattr(dl, "MAX_BYTES", 1000)
     expect_data_error(lambda: load_mnist_like("mnist", "test", mirrors=[server.url("good")]), "more than 1000 bytes")
-    assert list((isolated / "mnist").iterdir()) == []
+    assert not (isolated / "mnist").exists()  # no empty folder left to look like a cache
 
 
 def test_offline_message_says_where_to_put_files(isolated: Path) -> None:
@@ -544,14 +544,20 @@ def test_ctrl_c_mid_download_removes_temp_file(monkeypatch: pytest.MonkeyPatch, 
         def read(self, n: int) -> bytes:
             self.reads += 1
             if self.reads > 1:
-                assert len(list(tmp_path.iterdir())) == 1  # the temp file exists mid-download
+                assert len(list((tmp_path / "cache" / "mnist").iterdir())) == 1  # the temp file, mid-download
                 raise KeyboardInterrupt
             return b"x" * 100
 
     monkeypatch.setattr(dl, "_open", lambda *a, **k: Response())
     with pytest.raises(KeyboardInterrupt):
-        dl.download_file("f.gz", tmp_path, ["http://127.0.0.1:9/"], "0" * 64, timeout=1)
-    assert list(tmp_path.iterdir()) == []
+        dl.download_file("f.gz", tmp_path / "cache" / "mnist", ["http://127.0.0.1:9/"], "0" * 64, timeout=1)
+    assert list(tmp_path.iterdir()) == []  # neither the temp file nor the folders made for it
+
+
+def test_failed_download_keeps_a_folder_it_did_not_make(server: types.SimpleNamespace, isolated: Path) -> None:
+    (isolated / "mnist").mkdir(parents=True)
+    expect_data_error(lambda: load_mnist_like("mnist", "test", mirrors=[server.url("missing")]), "404")
+    assert (isolated / "mnist").is_dir()  # the user's (or an earlier run's) folder is not ours to remove
 
 
 # --------------------------------------------------------------------------- batches

@@ -140,10 +140,28 @@ def download_file(
 
         progress = shown = DownloadProgress(f"{folder.name}/{filename}")
     dest = folder / filename
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create {folder} to download {filename} into: {e.strerror or e}") from e
+    try:
+        return _first_intact(filename, dest, mirrors, sha256, timeout, progress, shown)
+    except BaseException:
+        # Also on Ctrl-C: leave no empty folder behind, which a later look would take for a cache that is
+        # there but broken. Only the folders this call made, and only while they are empty.
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _first_intact(filename: str, dest: Path, mirrors: Sequence[str], sha256: str,
+                  timeout: float | tuple[float, float], progress: Callable[[int, int | None, bool], None],
+                  shown: Any) -> Path:
+    """Try each mirror in turn; the path of the first intact copy, or DataError naming every failure."""
     failures: list[str] = []
     for base in mirrors:
         url = base if base.endswith("/") else base + "/"
@@ -160,7 +178,7 @@ def download_file(
             failures.append(f"{url}: {e}")
     if not failures:
         failures.append("no mirrors configured")
-    raise DataError(f"could not download {filename} into {folder}: {'; '.join(failures)}")
+    raise DataError(f"could not download {filename} into {dest.parent}: {'; '.join(failures)}")
 
 
 def _fetch_verified(url: str, dest: Path, sha256: str, timeout: tuple[float, float],
