@@ -4,25 +4,41 @@ saved ``--json`` file renders the same way."""
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Any, NamedTuple
 
 FORWARD_LABELS = {"full": "Full", "lora_unmerged": "LoRA (unmerged)", "lora_merged": "LoRA (merged)",
                   "dora": "DoRA", "qlora": "QLoRA (NF4+DQ)"}
 STEP_LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (NF4+DQ)"}
 
-# (what, limit): the speed targets, set for the small MLP at batch 64 on 2 threads; ours / PyTorch ratios
-# come from the two runtimes measured in separate processes, in the same rounds
+class Target(NamedTuple):
+    """A speed target: the row it is shown as, its limit, and where its measured value lies.
+
+    ``path`` is a chain of keys into one model's results, where "torch" leads into that model's ours /
+    PyTorch ratios (for ``EPOCH_TARGETS``: into the epoch section's methods). A missing key anywhere on
+    the way means "not measured", never a wrong pairing: each value is read from its own place.
+    """
+
+    what: str
+    limit: float
+    path: tuple[str, ...]
+
+
+# The speed targets, set for the small MLP at batch 64 on 2 threads and shown for every model benchmarked;
+# ours / PyTorch ratios come from the two runtimes measured in separate processes, in the same rounds.
 TARGETS = (
-    ("LoRA step / PyTorch LoRA step", 0.7),
-    ("full step / PyTorch full step", 0.8),
-    ("LoRA unmerged forward / full forward", 1.3),
-    ("LoRA merged forward / full forward", 1.05),
-    ("DoRA step / LoRA step", 1.5),
-    ("QLoRA step / LoRA step", 1.3),
-    ("QLoRA forward / full forward", 1.5),
-    ("engine full step / hand-written NumPy full step", 1.15),
-    ("one training epoch (LoRA) / PyTorch", 0.65),
-    ("one training epoch (full) / PyTorch", 0.6),
+    Target("LoRA step / PyTorch LoRA step", 0.7, ("torch", "train_step_ms", "lora")),
+    Target("full step / PyTorch full step", 0.8, ("torch", "train_step_ms", "full")),
+    Target("LoRA unmerged forward / full forward", 1.3, ("ratios", "forward_vs_full", "lora_unmerged")),
+    Target("LoRA merged forward / full forward", 1.05, ("ratios", "forward_vs_full", "lora_merged")),
+    Target("DoRA step / LoRA step", 1.5, ("ratios", "train_step_vs_lora", "dora")),
+    Target("QLoRA step / LoRA step", 1.3, ("ratios", "train_step_vs_lora", "qlora")),
+    Target("QLoRA forward / full forward", 1.5, ("ratios", "forward_vs_full", "qlora")),
+    Target("engine full step / hand-written NumPy full step", 1.15, ("engine_overhead", "full_step_engine_over_hand")),
+)
+# One epoch of `cli.py train` is the small MLP's, whichever models the step tables cover.
+EPOCH_TARGETS = (
+    Target("one training epoch (LoRA) / PyTorch", 0.65, ("lora", "ratio")),
+    Target("one training epoch (full) / PyTorch", 0.6, ("full", "ratio")),
 )
 # under --load: no round of ours slower than this many times our own median for that row, and (against a
 # quiet --baseline run) every ours / PyTorch ratio within this factor of its quiet value
@@ -236,25 +252,13 @@ def targets(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> list
     out: list[dict[str, Any]] = []
     torch = res.get("compare", {}).get("torch", {}).get("models", {})
     for name, m in res["models"].items():
-        t = torch.get(name, {}).get("ratio", {})
-        step_targets = TARGETS[:8]
-        values = dict(zip((what for what, _ in step_targets), (
-            t.get("train_step_ms", {}).get("lora"),
-            t.get("train_step_ms", {}).get("full"),
-            m["ratios"]["forward_vs_full"].get("lora_unmerged"),
-            m["ratios"]["forward_vs_full"].get("lora_merged"),
-            m["ratios"]["train_step_vs_lora"].get("dora"),
-            m["ratios"]["train_step_vs_lora"].get("qlora"),
-            m["ratios"]["forward_vs_full"].get("qlora"),
-            m["engine_overhead"]["full_step_engine_over_hand"],
-        )))
-        for what, limit in step_targets:
-            out.append(_target(name, what, limit, values[what]))
+        here = {**m, "torch": torch.get(name, {}).get("ratio", {})}
+        out.extend(_target(name, t.what, t.limit, _dig(here, t.path)) for t in TARGETS)
     e = res.get("epoch", {}).get("methods", {})
-    for (what, limit), method in zip(TARGETS[8:], ("lora", "full")):
-        v = e.get(method, {}).get("ratio")
+    for t in EPOCH_TARGETS:
+        v = _dig(e, t.path)
         if v is not None:
-            out.append(_target("small", what, limit, v))
+            out.append(_target("small", t.what, t.limit, v))
     if res.get("config", {}).get("load"):
         for name, m in res["models"].items():
             for section, rows in m.get("worst_round_over_median", {}).items():
@@ -275,6 +279,15 @@ def targets(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> list
                     out.append(_target(t["model"], f"{t['what']}: under load / quiet ({q:.3f})", LOAD_RATIO_DRIFT,
                                        round(t["value"] / q, 4), kind="load"))
     return out
+
+
+def _dig(tree: Any, path: tuple[str, ...]) -> float | None:
+    """tree[path[0]][path[1]]...; None where a key (or a whole section) is missing."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def _target(model: str, what: str, limit: float, value: float | None, kind: str = "quiet") -> dict[str, Any]:
