@@ -300,7 +300,8 @@ def _tiny(dtype: np.dtype) -> float:
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _sgd_kernel(p, g, buf, lr, momentum, weight_decay, first, tiny):  # pragma: no cover - JIT
+def _sgd_kernel(p, g, buf, c, first):  # pragma: no cover - JIT
+    lr, momentum, weight_decay, tiny = c[0], c[1], c[2], c[3]  # one small array, as _adam_kernel's
     zero = tiny - tiny
     for i in range(p.size):
         gi = g[i] + weight_decay * p[i]
@@ -335,9 +336,9 @@ def sgd_step(
         if buf is not None:
             buf[...] = bc
         return
-    t = p.dtype.type
     b = buf.reshape(-1) if buf is not None else p.reshape(-1)[:0]
-    _sgd_kernel(p.reshape(-1), g.reshape(-1), b, t(lr), t(momentum), t(weight_decay), first, t(_tiny(p.dtype)))
+    c = np.array([lr, momentum, weight_decay, _tiny(p.dtype)], dtype=p.dtype)
+    _sgd_kernel(p.reshape(-1), g.reshape(-1), b, c, first)
 
 
 # ------------------------------------------------------------------------------------ quantization
