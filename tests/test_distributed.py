@@ -537,3 +537,18 @@ def test_wait_until_read_returns_once_the_reader_has_taken_everything() -> None:
         _wait_until_read((w, 10_000), 10.0)  # an empty pipe and a closed fd: nothing to wait for
     finally:
         os.close(r), os.close(w)
+
+
+@pytest.mark.slow
+@needs_mpi
+@needs_mnist
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid in /proc (Linux)")
+def test_ctrl_c_on_one_rank_ends_the_job_at_once(tmp_path: Path) -> None:
+    """SIGINT on rank 1 alone (Ctrl-C in the terminal reaches every rank through mpiexec; one rank's
+    interrupt is the case that could leave the others waiting): rank 1 says it was interrupted and ends the
+    whole job, so rank 0 does not wait for its --dist-timeout; nothing is saved, the exit status is 130."""
+    result, seconds = _stop_rank_mid_run(tmp_path, signal.SIGINT, [])
+    assert result.returncode == 130, (result.returncode, result.stderr)
+    assert "interrupted" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "k").exists()
+    assert seconds < 5  # under rank 0's --dist-timeout of 5 s: nobody waited for it
