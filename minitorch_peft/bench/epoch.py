@@ -21,12 +21,18 @@ from .timing import Stats, ratio
 
 METHODS = ("lora", "full")
 
+#: Rounds of each epoch (each method, each runtime). An epoch's time on a shared 2-core machine swings by a
+#: third from round to round (one quiet run: ours 1.22-1.94 s for LoRA, PyTorch 2.12-3.54 s); the reported
+#: ratio is the median of the per-round ratios, and with 3 rounds that is one round's ratio. 5 rounds cost
+#: about 20 s more than 3.
+ROUNDS = 5
+
 
 def bench_epoch(cfg: Any, ours: Any, theirs: Any | None, tmp: str, n_samples: int | None) -> dict[str, Any]:
     """Alternate one epoch of ours (in the ``ours`` worker) and PyTorch's (in ``theirs``), round by round."""
     from ..train import TrainConfig
 
-    rounds = 1 if cfg.quick else 3
+    rounds = 1 if cfg.quick else ROUNDS
     base = TrainConfig(backend=cfg.backend, epochs=1, batch_size=cfg.batch_size, data_dir=cfg.data_dir)
     cases: dict[str, Any] = {}
     for method in METHODS:

@@ -113,18 +113,19 @@ def run(cfg: BenchConfig, log: Log = print) -> dict[str, Any]:
         n_train = int(len(load_mnist_like("mnist", "train", cfg.data_dir)[1]))  # missing data fails here, before any work
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="minitorch_peft_bench_"))
-        threads, _ = cfg.threads_for(cpu_count())
+        threads, source = cfg.threads_for(cpu_count())
         ours = stack.enter_context(Worker("ours", threads, backend.name))
         theirs = stack.enter_context(Worker("torch", threads, backend.name)) if "torch" in cfg.compare else None
-        return _run(cfg, backend, ours, theirs, tmp, n_train, log, lambda: stack.enter_context(BusyLoad(cfg.load)))
+        return _run(cfg, backend, ours, theirs, tmp, n_train, log, lambda: stack.enter_context(BusyLoad(cfg.load)),
+                    source)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _run(cfg: BenchConfig, backend: Any, ours: Any, theirs: Any | None, tmp: str, n_train: int | None, log: Log,
-         start_load: Callable[[], Any]) -> dict[str, Any]:
+         start_load: Callable[[], Any], source: str) -> dict[str, Any]:
+    """``source``: where the workers' thread count came from (``BenchConfig.threads_for``)."""
     hello = ours.call("hello")
     threads = hello["blas_policy"]["threads"] or 1
-    _, source = cfg.threads_for(cpu_count())
     results: dict[str, Any] = {
         "format": "minitorch_peft-bench",
         "version": 2,
