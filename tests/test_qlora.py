@@ -393,6 +393,32 @@ def test_row_chunks_cover_the_rows_on_block_boundaries(monkeypatch, n_in: int, n
     np.testing.assert_array_equal(w, base.dequantize())
 
 
+@pytest.mark.parametrize("n_out,chunk", [(512, 1 << 17), (2048, 1 << 19), (33, 600)])
+def test_chunked_product_keeps_the_bits_of_per_chunk_products(monkeypatch, n_out: int, chunk: int) -> None:
+    """x W^T by row chunks, computed as W_c x^T for speed, gives the bytes of x W_c^T chunk by chunk, and for
+    products BLAS runs through its blocked kernel the bytes of x W^T on the whole W (the 33 x 40 layer is small
+    enough for OpenBLAS's small-matrix path, which rounds a chunk differently from the whole)."""
+    monkeypatch.setattr(weights, "CHUNK_VALUES", chunk)
+    manual_seed(0)
+    n_in = 784 if n_out > 100 else 40
+    layer = QLoRALinear.from_linear(Linear(n_in, n_out), r=2)
+    base = layer._base()
+    assert len(base.row_chunks()) > 1
+    w, b = base.dequantize(), layer.bias.data
+    x = rng(1).standard_normal((64, n_in)).astype(np.float32)
+    want = np.concatenate([x @ w[r0:r1].T for r0, r1 in base.row_chunks()], axis=1)
+    if n_out > 100:
+        assert want.tobytes() == (x @ w.T).tobytes()
+    y = base.matmul_t(x)
+    assert y.flags.c_contiguous and y.tobytes() == want.tobytes()
+    z, _, _ = base.dora_terms(x, layer.lora_A["default"].data)  # QDoRA's pass: the same product
+    assert z.tobytes() == want.tobytes()
+    want += b
+    assert base.matmul_t(x, b).tobytes() == want.tobytes()
+    y3 = base.matmul_t(x.reshape(4, 16, n_in), b)  # a leading batch shape
+    assert y3.shape == (4, 16, n_out) and y3.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("dora,norm_grad", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_chunked_ops_equal_whole_weight_ops(monkeypatch, dora: bool, norm_grad: bool, dropout: float) -> None:
