@@ -192,7 +192,7 @@ class PackedWeight:
         same dot product either way: the bits are those of x W_c^T chunk by chunk (and, for products past
         OpenBLAS's small-matrix path, of x W^T on the whole W). Against x W_c^T per chunk written into
         columns r0:r1 of the output (medium MLP, same process, interleaved): the QLoRA forward took
-        0.90-0.91x the time, the step 0.97-0.98x. BLAS runs faster with the many weight rows as the
+        0.87-0.92x the time, the step 0.97-0.99x (four runs). BLAS runs faster with the many weight rows as the
         product's rows than with the batch of 64 there (``kernels.cpu.WIDE_OUT`` says the same of a dense W).
         """
         be = self.backend
@@ -202,10 +202,11 @@ class PackedWeight:
                     each(r0, r1, w)
             return None
         lead = tuple(x.shape[:-1])
-        x_t = be.matrix_transpose(be.xp.reshape(x, (-1, x.shape[-1])))
-        y_t = be.xp.empty((self.shape[0], x_t.shape[1]), dtype=x.dtype)
+        x2 = be.xp.reshape(x, (-1, x.shape[-1]))
+        y_t = be.xp.empty((self.shape[0], x2.shape[0]), dtype=x.dtype)
         for r0, r1, w in self.chunks():
-            y_t[r0:r1, ...] = w @ x_t
+            # linear_forward(a, b) is a b^T: here W_c x^T, through the kernel that owns the BLAS call
+            y_t[r0:r1, ...] = be.kernels.linear_forward(w, x2, None)
             if each is not None:
                 each(r0, r1, w)
         y = self._out(lead, self.shape[0], x.dtype)
