@@ -244,7 +244,7 @@ class PackedWeight:
         k, a_t = be.kernels, be.matrix_transpose(a)
         if len(self.row_chunks()) == 1:
             w = self._whole(keep and x is not None)
-            return (None if x is None else x @ be.matrix_transpose(w)), w @ a_t, k.row_sumsq(w)
+            return (None if x is None else k.linear_forward(x, w, None)), w @ a_t, k.row_sumsq(w)
         n_out = self.shape[0]
         wa = be.xp.empty((n_out, a.shape[0]), dtype=a.dtype)
         sq = be.xp.empty((n_out,), dtype=self.dtype)
