@@ -131,6 +131,13 @@ def test_each_step_target_reads_its_own_measured_ratio(quick: tuple[dict, str]) 
     # every target finds its value in a real run's results (the PyTorch ones where PyTorch is installed)
     missing = [t["what"] for t in res["targets"] if t["value"] is None and (have("torch") or "PyTorch" not in t["what"])]
     assert missing == []
+    # and the middle half of its rounds, around it
+    for t in res["targets"]:
+        if t["value"] is not None:
+            q1, q3 = t["quartiles"]
+            assert q1 <= t["value"] <= q3, t
+            assert t["close"] == (q1 <= t["limit"] <= q3)
+    assert "rounds' middle half" in quick[1]
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -306,6 +313,27 @@ def test_ratio_pairs_rounds() -> None:
     assert ratio(a, b) == 0.5  # per-round ratios 0.5, 5, 0.5; the ratio of medians would say 5
     assert ratio(a, Stats.of([4.0])) == 2.5  # rounds that do not pair: ratio of medians
     assert ratio(a, None) is None
+
+
+def test_ratio_quartiles_are_the_middle_half_of_the_per_round_ratios() -> None:
+    from minitorch_peft.bench.timing import ratio, ratio_quartiles
+
+    a, b = Stats.of([1.0, 2.0, 3.0, 4.0, 5.0]), Stats.of([1.0, 1.0, 1.0, 1.0, 1.0])
+    assert ratio_quartiles(a, b) == (2.0, 4.0) and ratio(a, b) == 3.0
+    a = Stats.of([10.0, 1.0, 6.0, 3.0, 8.0])  # order of rounds does not matter, their pairing does
+    assert ratio_quartiles(a, Stats.of([2.0, 1.0, 2.0, 1.0, 2.0])) == (3.0, 4.0)  # ratios 5 1 3 3 4
+    assert ratio_quartiles(a, Stats.of([4.0])) is None  # rounds that do not pair: no spread to give
+    assert ratio_quartiles(Stats.of([1.0]), Stats.of([2.0])) is None  # one round
+    assert ratio_quartiles(a, None) is None
+
+
+def test_a_target_whose_limit_lies_inside_its_rounds_is_marked_close() -> None:
+    from minitorch_peft.bench import report
+
+    near = report._target("small", "x / y", 1.3, 1.28, [1.22, 1.35])
+    far = report._target("small", "x / y", 1.3, 1.1, [1.05, 1.15])
+    assert near["met"] and near["close"] and far["met"] and not far["close"]
+    assert report._target("small", "x / y", 1.3, 1.28)["close"] is None  # no rounds to judge by
 
 
 def test_peak_step_bytes_counts_numpy_allocations() -> None:

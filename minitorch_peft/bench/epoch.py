@@ -17,7 +17,7 @@ import tempfile
 import time
 from typing import Any
 
-from .timing import Stats, ratio
+from .timing import Stats, ratio, ratio_quartiles
 
 METHODS = ("lora", "full")
 
@@ -60,6 +60,8 @@ def bench_epoch(cfg: Any, ours: Any, theirs: Any | None, tmp: str, n_samples: in
             entry["torch_s"] = other.to_dict()
             entry["torch_rounds"] = [round(v, 4) for v in other.rounds]
             entry["ratio"] = round(ratio(mine, other), 4)  # median of the per-round ratios
+            q = ratio_quartiles(mine, other)
+            entry["ratio_quartiles"] = None if q is None else [round(q[0], 4), round(q[1], 4)]
         res["methods"][method] = entry
     return res
 

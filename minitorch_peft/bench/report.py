@@ -14,31 +14,41 @@ class Target(NamedTuple):
     """A speed target: the row it is shown as, its limit, and where its measured value lies.
 
     ``path`` is a chain of keys into one model's results, where "torch" leads into that model's ours /
-    PyTorch ratios (for ``EPOCH_TARGETS``: into the epoch section's methods). A missing key anywhere on
+    PyTorch comparison (for ``EPOCH_TARGETS``: into the epoch section's methods). A missing key anywhere on
     the way means "not measured", never a wrong pairing: each value is read from its own place.
+    ``quartiles`` is the path to the middle half of the same per-round ratios.
     """
 
     what: str
     limit: float
     path: tuple[str, ...]
+    quartiles: tuple[str, ...]
 
 
 # The speed targets, set for the small MLP at batch 64 on 2 threads and shown for every model benchmarked;
 # ours / PyTorch ratios come from the two runtimes measured in separate processes, in the same rounds.
 TARGETS = (
-    Target("LoRA step / PyTorch LoRA step", 0.7, ("torch", "train_step_ms", "lora")),
-    Target("full step / PyTorch full step", 0.8, ("torch", "train_step_ms", "full")),
-    Target("LoRA unmerged forward / full forward", 1.3, ("ratios", "forward_vs_full", "lora_unmerged")),
-    Target("LoRA merged forward / full forward", 1.05, ("ratios", "forward_vs_full", "lora_merged")),
-    Target("DoRA step / LoRA step", 1.5, ("ratios", "train_step_vs_lora", "dora")),
-    Target("QLoRA step / LoRA step", 1.3, ("ratios", "train_step_vs_lora", "qlora")),
-    Target("QLoRA forward / full forward", 1.5, ("ratios", "forward_vs_full", "qlora")),
-    Target("engine full step / hand-written NumPy full step", 1.15, ("engine_overhead", "full_step_engine_over_hand")),
+    Target("LoRA step / PyTorch LoRA step", 0.7, ("torch", "ratio", "train_step_ms", "lora"),
+           ("torch", "ratio_quartiles", "train_step_ms", "lora")),
+    Target("full step / PyTorch full step", 0.8, ("torch", "ratio", "train_step_ms", "full"),
+           ("torch", "ratio_quartiles", "train_step_ms", "full")),
+    Target("LoRA unmerged forward / full forward", 1.3, ("ratios", "forward_vs_full", "lora_unmerged"),
+           ("ratio_quartiles", "forward_vs_full", "lora_unmerged")),
+    Target("LoRA merged forward / full forward", 1.05, ("ratios", "forward_vs_full", "lora_merged"),
+           ("ratio_quartiles", "forward_vs_full", "lora_merged")),
+    Target("DoRA step / LoRA step", 1.5, ("ratios", "train_step_vs_lora", "dora"),
+           ("ratio_quartiles", "train_step_vs_lora", "dora")),
+    Target("QLoRA step / LoRA step", 1.3, ("ratios", "train_step_vs_lora", "qlora"),
+           ("ratio_quartiles", "train_step_vs_lora", "qlora")),
+    Target("QLoRA forward / full forward", 1.5, ("ratios", "forward_vs_full", "qlora"),
+           ("ratio_quartiles", "forward_vs_full", "qlora")),
+    Target("engine full step / hand-written NumPy full step", 1.15, ("engine_overhead", "full_step_engine_over_hand"),
+           ("ratio_quartiles", "engine_overhead", "full_step_engine_over_hand")),
 )
 # One epoch of `cli.py train` is the small MLP's, whichever models the step tables cover.
 EPOCH_TARGETS = (
-    Target("one training epoch (LoRA) / PyTorch", 0.65, ("lora", "ratio")),
-    Target("one training epoch (full) / PyTorch", 0.6, ("full", "ratio")),
+    Target("one training epoch (LoRA) / PyTorch", 0.65, ("lora", "ratio"), ("lora", "ratio_quartiles")),
+    Target("one training epoch (full) / PyTorch", 0.6, ("full", "ratio"), ("full", "ratio_quartiles")),
 )
 # under --load: no round of ours slower than this many times our own median for that row, and (against a
 # quiet --baseline run) every ours / PyTorch ratio within this factor of its quiet value
@@ -252,13 +262,13 @@ def targets(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> list
     out: list[dict[str, Any]] = []
     torch = res.get("compare", {}).get("torch", {}).get("models", {})
     for name, m in res["models"].items():
-        here = {**m, "torch": torch.get(name, {}).get("ratio", {})}
-        out.extend(_target(name, t.what, t.limit, _dig(here, t.path)) for t in TARGETS)
+        here = {**m, "torch": torch.get(name, {})}
+        out.extend(_target(name, t.what, t.limit, _dig(here, t.path), _dig(here, t.quartiles)) for t in TARGETS)
     e = res.get("epoch", {}).get("methods", {})
     for t in EPOCH_TARGETS:
         v = _dig(e, t.path)
         if v is not None:
-            out.append(_target("small", t.what, t.limit, v))
+            out.append(_target("small", t.what, t.limit, v, _dig(e, t.quartiles)))
     if res.get("config", {}).get("load"):
         for name, m in res["models"].items():
             for section, rows in m.get("worst_round_over_median", {}).items():
@@ -290,10 +300,16 @@ def _dig(tree: Any, path: tuple[str, ...]) -> float | None:
     return tree
 
 
-def _target(model: str, what: str, limit: float, value: float | None, kind: str = "quiet") -> dict[str, Any]:
-    """One target: ``kind`` "quiet" (set for a quiet machine) or "load" (what a busy machine must still keep)."""
+def _target(model: str, what: str, limit: float, value: float | None, quartiles: list[float] | None = None,
+            kind: str = "quiet") -> dict[str, Any]:
+    """One target: ``kind`` "quiet" (set for a quiet machine) or "load" (what a busy machine must still keep).
+
+    ``met`` is judged on the value (a median); ``quartiles``, where measured, are the middle half of the
+    rounds behind it, and ``close`` says the limit lies inside them: another run may well judge the other way.
+    """
+    close = None if not quartiles else bool(quartiles[0] <= limit <= quartiles[1])
     return {"model": model, "what": what, "limit": limit, "value": value, "kind": kind,
-            "met": None if value is None else bool(value <= limit)}
+            "met": None if value is None else bool(value <= limit), "quartiles": quartiles, "close": close}
 
 
 def missed(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -319,6 +335,9 @@ def targets_section(res: dict[str, Any]) -> list[str]:
             mark, value = "·", "not measured" + (" (needs --compare torch)" if "PyTorch" in t["what"] else "")
         else:
             mark, value = ("✓" if t["met"] else "✗"), f"{t['value']:.3f}x"
+            q = t.get("quartiles")
+            if q:
+                value += f" (rounds' middle half {q[0]:.3f}-{q[1]:.3f}{', the limit inside it' if t.get('close') else ''})"
         lines.append(f"    {mark} [{t['model']}] {t['what']}: {value} (target <= {t['limit']:g}x)")
     end = res["environment"].get("load_average_end")
     if end:

@@ -23,7 +23,7 @@ from ..backend import get_backend
 from ..errors import ConfigError
 from . import numpy_ref, report, variants
 from .env import cpu_count, environment, load_average
-from .timing import Stats, interleaved_blocks, ratio
+from .timing import Stats, interleaved_blocks, ratio, ratio_quartiles
 
 FORWARD_VARIANTS = ("full", "lora_unmerged", "lora_merged", "dora", "qlora")
 STEP_VARIANTS = ("full", "lora", "dora", "qlora")
@@ -235,6 +235,14 @@ def _bench_model(name: str, cfg: BenchConfig, ours: Any, theirs: Any | None, tmp
         "full_step_engine_over_hand": _r(step["full"], step["hand:full"]),
         "lora_step_engine_over_hand": _r(step["lora"], step["hand:lora"]),
     }
+    # the middle half of each ratio's rounds, beside it (ratios: the median of the same per-round values)
+    res["ratio_quartiles"] = {
+        "forward_vs_full": {k: _q(fwd.get(k), fwd["full"]) for k in res["forward_ms"]},
+        "train_step_vs_full": {k: _q(step.get(k), step["full"]) for k in res["train_step_ms"]},
+        "train_step_vs_lora": {k: _q(step.get(k), step["lora"]) for k in res["train_step_ms"]},
+        "engine_overhead": {"full_step_engine_over_hand": _q(step["full"], step["hand:full"]),
+                            "lora_step_engine_over_hand": _q(step["lora"], step["hand:lora"])},
+    }
     if not res.get("skipped"):
         res.pop("skipped", None)
     torch_res: dict[str, Any] = {}
@@ -247,6 +255,10 @@ def _bench_model(name: str, cfg: BenchConfig, ours: Any, theirs: Any | None, tmp
             "ratio": {
                 "forward_ms": {k: _r(fwd[k], s) for k, s in tf.items() if k in fwd},
                 "train_step_ms": {k: _r(step[k], s) for k, s in ts.items() if k in step},
+            },
+            "ratio_quartiles": {
+                "forward_ms": {k: _q(fwd[k], s) for k, s in tf.items() if k in fwd},
+                "train_step_ms": {k: _q(step[k], s) for k, s in ts.items() if k in step},
             },
             "skipped": {"qlora": "not compared: PyTorch has no 4-bit NF4 Linear without bitsandbytes"},
         }
@@ -341,6 +353,11 @@ def _hand_models(full: Any, lora: Any, backend: Any) -> dict[str, numpy_ref.Hand
 def _r(a: Stats | None, b: Stats | None) -> float | None:
     r = ratio(a, b)
     return None if r is None else round(r, 4)
+
+
+def _q(a: Stats | None, b: Stats | None) -> list[float] | None:
+    q = ratio_quartiles(a, b)
+    return None if q is None else [round(q[0], 4), round(q[1], 4)]
 
 
 # ------------------------------------------------------------------------------------------ quantization

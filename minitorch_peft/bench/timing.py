@@ -144,6 +144,23 @@ def interleaved_blocks(
     return {name: Stats.of(samples[name], per_round * rounds) for name in names}
 
 
+def round_ratios(a: Stats | None, b: Stats | None) -> list[float] | None:
+    """The per-round ratios a_r / b_r, or None where the rounds do not pair (or b has a zero)."""
+    if a is None or b is None or len(a.rounds) != len(b.rounds) or not a.rounds or not all(y > 0 for y in b.rounds):
+        return None
+    return [x / y for x, y in zip(a.rounds, b.rounds)]
+
+
+def ratio_quartiles(a: Stats | None, b: Stats | None) -> tuple[float, float] | None:
+    """(first, third) quartile of the per-round ratios a_r / b_r: the middle half of the rounds, which says how
+    far a ratio moves with the machine's load from round to round (None: fewer than 2 paired rounds)."""
+    rs = round_ratios(a, b)
+    if rs is None or len(rs) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(rs, n=4, method="inclusive")
+    return q1, q3
+
+
 def ratio(a: Stats | None, b: Stats | None) -> float | None:
     """a / b as the median over rounds of the per-round ratio a_r / b_r.
 
@@ -153,6 +170,5 @@ def ratio(a: Stats | None, b: Stats | None) -> float | None:
     """
     if a is None or b is None or b.median <= 0:
         return None
-    if len(a.rounds) == len(b.rounds) and a.rounds and all(x > 0 for x in b.rounds):
-        return statistics.median(x / y for x, y in zip(a.rounds, b.rounds))
-    return a.median / b.median
+    rs = round_ratios(a, b)
+    return statistics.median(rs) if rs is not None else a.median / b.median
