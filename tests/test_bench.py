@@ -550,6 +550,28 @@ def test_check_exits_non_zero_when_a_target_is_missed(monkeypatch: pytest.Monkey
     assert rc == 0
 
 
+def test_check_says_when_a_missed_limit_lies_inside_the_rounds(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import minitorch_peft.bench as bench_pkg
+    from minitorch_peft.bench import report
+
+    from conftest import cli_main
+
+    def fake_run(cfg, log=print):
+        res = _fake_results(1.0)
+        res["models"]["small"]["ratios"]["train_step_vs_lora"]["qlora"] = 1.32
+        res["models"]["small"]["ratio_quartiles"] = {"train_step_vs_lora": {"qlora": [1.25, 1.36]}}
+        res["targets"] = report.targets(res)
+        return res
+
+    monkeypatch.setattr(bench_pkg, "run", fake_run)
+    rc, out, err = cli_main(capsys, "bench", "--check")
+    assert rc == 1
+    assert "QLoRA step / LoRA step 1.320x > 1.3x (the limit lies inside its rounds' middle half: rerun to tell)" in err
+    shown = "\n".join(report.targets_section(fake_run(None)))
+    assert "✗ [small] QLoRA step / LoRA step: 1.320x (rounds' middle half 1.250-1.360, the limit inside it)" in shown
+
+
 def test_baseline_holds_ratios_under_load_against_the_quiet_run() -> None:
     from minitorch_peft.bench import report
 

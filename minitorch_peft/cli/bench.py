@@ -77,7 +77,9 @@ def bench(json_path: str | None, plot_path: str | None, compare: str | None, che
         bad = missed(results)
         if bad:
             click.echo(f"bench --check: {len(bad)} target(s) missed: "
-                       + "; ".join(f"[{t['model']}] {t['what']} {t['value']:.3f}x > {t['limit']:g}x" for t in bad),
+                       + "; ".join(f"[{t['model']}] {t['what']} {t['value']:.3f}x > {t['limit']:g}x"
+                                   + (" (the limit lies inside its rounds' middle half: rerun to tell)"
+                                      if t.get("close") else "") for t in bad),
                        err=True)
             return 1
         held = "load criterion" if results.get("config", {}).get("load") else "target"
