@@ -226,40 +226,30 @@ def _bench_model(name: str, cfg: BenchConfig, ours: Any, theirs: Any | None, tmp
         "forward": {k: _spread(fwd[k]) for k in res["forward_ms"]},
         "train_step": {k: _spread(step[k]) for k in res["train_step_ms"]},
     }
-    res["ratios"] = {
-        "forward_vs_full": {k: _r(fwd.get(k), fwd["full"]) for k in res["forward_ms"]},
-        "train_step_vs_full": {k: _r(step.get(k), step["full"]) for k in res["train_step_ms"]},
-        "train_step_vs_lora": {k: _r(step.get(k), step["lora"]) for k in res["train_step_ms"]},
+    # each ratio as (numerator, denominator) stats: its median and the middle half of its rounds come from them
+    pairs = {
+        "forward_vs_full": {k: (fwd.get(k), fwd["full"]) for k in res["forward_ms"]},
+        "train_step_vs_full": {k: (step.get(k), step["full"]) for k in res["train_step_ms"]},
+        "train_step_vs_lora": {k: (step.get(k), step["lora"]) for k in res["train_step_ms"]},
     }
-    res["engine_overhead"] = {
-        "full_step_engine_over_hand": _r(step["full"], step["hand:full"]),
-        "lora_step_engine_over_hand": _r(step["lora"], step["hand:lora"]),
-    }
-    # the middle half of each ratio's rounds, beside it (ratios: the median of the same per-round values)
-    res["ratio_quartiles"] = {
-        "forward_vs_full": {k: _q(fwd.get(k), fwd["full"]) for k in res["forward_ms"]},
-        "train_step_vs_full": {k: _q(step.get(k), step["full"]) for k in res["train_step_ms"]},
-        "train_step_vs_lora": {k: _q(step.get(k), step["lora"]) for k in res["train_step_ms"]},
-        "engine_overhead": {"full_step_engine_over_hand": _q(step["full"], step["hand:full"]),
-                            "lora_step_engine_over_hand": _q(step["lora"], step["hand:lora"])},
-    }
+    engine = {"full_step_engine_over_hand": (step["full"], step["hand:full"]),
+              "lora_step_engine_over_hand": (step["lora"], step["hand:lora"])}
+    res["ratios"] = _each(pairs, _r)
+    res["engine_overhead"] = {k: _r(*ab) for k, ab in engine.items()}
+    res["ratio_quartiles"] = _each({**pairs, "engine_overhead": engine}, _q)
     if not res.get("skipped"):
         res.pop("skipped", None)
     torch_res: dict[str, Any] = {}
     if theirs is not None:
         tf = {k: fwd[f"torch:{k}"] for k in FORWARD_VARIANTS if f"torch:{k}" in fwd}
         ts = {k: step[f"torch:{k}"] for k in STEP_VARIANTS if f"torch:{k}" in step}
+        vs_torch = {"forward_ms": {k: (fwd[k], s) for k, s in tf.items() if k in fwd},
+                    "train_step_ms": {k: (step[k], s) for k, s in ts.items() if k in step}}
         torch_res = {
             "forward_ms": {k: s.to_dict() for k, s in tf.items()},
             "train_step_ms": {k: s.to_dict() for k, s in ts.items()},
-            "ratio": {
-                "forward_ms": {k: _r(fwd[k], s) for k, s in tf.items() if k in fwd},
-                "train_step_ms": {k: _r(step[k], s) for k, s in ts.items() if k in step},
-            },
-            "ratio_quartiles": {
-                "forward_ms": {k: _q(fwd[k], s) for k, s in tf.items() if k in fwd},
-                "train_step_ms": {k: _q(step[k], s) for k, s in ts.items() if k in step},
-            },
+            "ratio": _each(vs_torch, _r),
+            "ratio_quartiles": _each(vs_torch, _q),
             "skipped": {"qlora": "not compared: PyTorch has no 4-bit NF4 Linear without bitsandbytes"},
         }
     return res, torch_res
@@ -358,6 +348,11 @@ def _r(a: Stats | None, b: Stats | None) -> float | None:
 def _q(a: Stats | None, b: Stats | None) -> list[float] | None:
     q = ratio_quartiles(a, b)
     return None if q is None else [round(q[0], 4), round(q[1], 4)]
+
+
+def _each(sections: dict[str, dict[str, tuple[Any, Any]]], fn: Callable[[Any, Any], Any]) -> dict[str, dict[str, Any]]:
+    """{section: {key: fn(a, b)}} for the (a, b) pairs of each section."""
+    return {name: {k: fn(*ab) for k, ab in pairs.items()} for name, pairs in sections.items()}
 
 
 # ------------------------------------------------------------------------------------------ quantization

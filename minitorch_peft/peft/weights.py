@@ -196,19 +196,17 @@ class PackedWeight:
         product's rows than with the batch of 64 there (``kernels.cpu.WIDE_OUT`` says the same of a dense W).
         """
         be = self.backend
-        if x is None:
-            for r0, r1, w in self.chunks():
-                if each is not None:
-                    each(r0, r1, w)
-            return None
-        lead = tuple(x.shape[:-1])
-        x2 = be.xp.reshape(x, (-1, x.shape[-1]))
-        y_t = be.xp.empty((self.shape[0], x2.shape[0]), dtype=x.dtype)
+        x2 = None if x is None else be.xp.reshape(x, (-1, x.shape[-1]))
+        y_t = None if x2 is None else be.xp.empty((self.shape[0], x2.shape[0]), dtype=x.dtype)
         for r0, r1, w in self.chunks():
-            # linear_forward(a, b) is a b^T: here W_c x^T, through the kernel that owns the BLAS call
-            y_t[r0:r1, ...] = be.kernels.linear_forward(w, x2, None)
+            if y_t is not None:
+                # linear_forward(a, b) is a b^T: here W_c x^T, through the kernel that owns the BLAS call
+                y_t[r0:r1, ...] = be.kernels.linear_forward(w, x2, None)
             if each is not None:
                 each(r0, r1, w)
+        if y_t is None:
+            return None
+        lead = tuple(x.shape[:-1])
         y = self._out(lead, self.shape[0], x.dtype)
         y[...] = be.xp.reshape(be.matrix_transpose(y_t), lead + (self.shape[0],))
         return y
