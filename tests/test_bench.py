@@ -336,6 +336,18 @@ def test_a_target_whose_limit_lies_inside_its_rounds_is_marked_close() -> None:
     assert report._target("small", "x / y", 1.3, 1.28)["close"] is None  # no rounds to judge by
 
 
+def test_each_target_is_held_for_the_models_it_was_set_for() -> None:
+    """The ours / PyTorch step targets were set for the small MLP; the rest hold for every model benchmarked."""
+    from minitorch_peft.bench import report
+
+    rows = {(t["model"], t["what"]) for t in report.targets({"models": {"small": {}, "medium": {}}, "config": {}})}
+    small_only = {t.what for t in report.TARGETS if t.models == ("small",)}
+    assert small_only == {"LoRA step / PyTorch LoRA step", "full step / PyTorch full step"}
+    for t in report.TARGETS:
+        assert ("small", t.what) in rows
+        assert (("medium", t.what) in rows) == (t.what not in small_only)
+
+
 def test_peak_step_bytes_counts_numpy_allocations() -> None:
     be = get_backend("numpy")
     n = variants.peak_step_bytes(lambda: np.ones(1 << 20, dtype=np.float32).sum(), be)
