@@ -331,7 +331,7 @@ def missed(res: dict[str, Any]) -> list[dict[str, Any]]:
 def targets_section(res: dict[str, Any]) -> list[str]:
     load = res["environment"].get("load")
     under = f", under a load of {load['processes']} CPU-bound process(es)" if load else ""
-    lines = ["", f"🎯 Speed targets (set for the small MLP; ratios measured side by side in this run{under}):"]
+    lines = ["", f"🎯 Speed targets (ratios measured side by side in this run{under}):"]
     if load:
         lines.append("    (the quiet targets are shown for reference; under --load, --check holds the load criteria only)")
     for t in res["targets"]:
