@@ -75,8 +75,9 @@ class Kernels(Protocol):
         """(packed codes, QuantState) of a float array."""
 
     def dequantize_4bit(self, packed: Any, state: Any, out: Any | None = None, validate: bool = True,
-                        serial: bool = False) -> Any:
-        """code[q] * absmax_block as float32 (into ``out`` if given; ``serial``: one CPU thread)."""
+                        serial: bool = False, rows: tuple[int, int] | None = None) -> Any:
+        """code[q] * absmax_block as float32 (into ``out`` if given; ``serial``: one CPU thread; ``rows=(r0, r1)``:
+        only those rows of a 2-D state, r0 * in on a block boundary)."""
 
     def dequantize_absmax(self, state: Any) -> Any:
         """The per-block absmax of a QuantState as float32."""

@@ -353,12 +353,13 @@ def quantize_4bit(x: np.ndarray, quant_type: str = "nf4", block_size: int = 64, 
 
 def dequantize_4bit(
     packed: np.ndarray, state, out: np.ndarray | None = None, validate: bool = True, serial: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """x_hat = code[q] * absmax_block (kernels.quant's Numba kernels); ``validate=False`` skips the checks,
-    ``serial=True`` stays on the calling thread."""
+    ``serial=True`` stays on the calling thread, ``rows=(r0, r1)`` gives only those rows."""
     from . import quant
 
-    return quant.dequantize_4bit(packed, state, out, validate, serial)
+    return quant.dequantize_4bit(packed, state, out, validate, serial, rows)
 
 
 def dequantize_absmax(state):

@@ -333,12 +333,13 @@ def quantize_4bit(x: Any, quant_type: str = "nf4", block_size: int = 64, double_
 
 def dequantize_4bit(
     packed: Any, state: Any, out: Any | None = None, validate: bool = True, serial: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> Any:
-    """x_hat = code[q] * absmax_block on the GPU (kernels.quant_cuda); ``validate=False`` skips the checks.
-    ``serial`` (a CPU option: stay on one thread) means nothing here."""
+    """x_hat = code[q] * absmax_block on the GPU (kernels.quant_cuda), only rows r0:r1 if ``rows``;
+    ``validate=False`` skips the checks. ``serial`` (a CPU option: stay on one thread) means nothing here."""
     from . import quant_cuda
 
-    return quant_cuda.dequantize_4bit(packed, state, out, validate)
+    return quant_cuda.dequantize_4bit(packed, state, out, validate, rows)
 
 
 def dequantize_absmax(state: Any) -> Any:

@@ -62,6 +62,7 @@ __all__ = [
     "check_block_size",
     "check_quant_type",
     "check_packed",
+    "check_rows",
     "array_module",
     "nearest_tables",
     "kernel_tables",
@@ -575,15 +576,16 @@ def _block_absmax(b, absmax, codes, scale, offset):  # pragma: no cover - compil
     return _absmax_from_code(DQ8_CODE, codes[b], scale[b // DQ_BLOCK_SIZE], offset)
 
 
-def _dequantize4_loop(packed, absmax, codes, scale, offset, block, pairs, out):  # pragma: no cover - compiled
-    """out[i] = code[nibble i] * absmax[i // block]; compiled twice below (parallel and serial).
+def _dequantize4_loop(packed, absmax, codes, scale, offset, block, first, pairs, out):  # pragma: no cover - compiled
+    """out[i] = code[nibble i] * absmax[first + i // block]; compiled twice below (parallel and serial).
 
     Each byte holds two codes, so ``pairs`` (``code_pairs``: row q = the codes of byte q's two nibbles)
     turns a byte into both its values with one 8-byte load and store; each block is then scaled in place
     by its absmax (a loop LLVM vectorises). Against one loop looking up and scaling each nibble, which
     compiled to scalar code, this ran 1.2-1.3x faster serially and 1.3-1.5x in the parallel build, with
     the same float32 products, so the same bits. ``out`` must be 8-byte aligned (``dequantize_4bit``
-    sees to it) and ``block`` even (a power of two from 32).
+    sees to it) and ``block`` even (a power of two from 32). ``first``: the state's block that ``out``
+    and ``packed`` start at (0 for a whole tensor; a row range of it starts further on).
     """
     n = out.size
     nb = (n + block - 1) // block
@@ -601,7 +603,7 @@ def _dequantize4_loop(packed, absmax, codes, scale, offset, block, pairs, out): 
         if (e - s) & 1:  # an odd number of values in all: the last byte's high nibble
             out[e - 1] = pairs[packed[e >> 1], 0]
         for b in range(b0, b1):
-            a = _block_absmax(b, absmax, codes, scale, offset)
+            a = _block_absmax(first + b, absmax, codes, scale, offset)
             values = out[b * block: min(b * block + block, n)]
             for i in range(values.size):
                 values[i] *= a
@@ -621,8 +623,8 @@ def _njit_as(name: str, fn: Callable[..., None], **flags: bool) -> Any:
     return njit(cache=True, nogil=True, **flags)(copy)
 
 
-def _dequantize4_avx512_loop(packed, absmax, codes, scale, offset, block, table, out):  # pragma: no cover - compiled
-    """out[i] = code[nibble i] * absmax[i // block] with ``lookup32`` (AVX-512): 32 values per instruction
+def _dequantize4_avx512_loop(packed, absmax, codes, scale, offset, block, first, table, out):  # pragma: no cover - compiled
+    """out[i] = code[nibble i] * absmax[first + i // block] with ``lookup32`` (AVX-512): 32 values per instruction
     pair, the same float32 products as ``_dequantize4_loop``, so the same bits.
 
     ``table`` is the 16-entry code book (``code_table``). A step of 32 values starts at a multiple of
@@ -635,11 +637,11 @@ def _dequantize4_avx512_loop(packed, absmax, codes, scale, offset, block, table,
     nb = (n + block - 1) // block
     for g in prange((nb + _DEQUANT_GROUP - 1) // _DEQUANT_GROUP):  # a plain range in the serial build
         for b in range(g * _DEQUANT_GROUP, min(g * _DEQUANT_GROUP + _DEQUANT_GROUP, nb)):
-            a = _block_absmax(b, absmax, codes, scale, offset)
+            a = _block_absmax(first + b, absmax, codes, scale, offset)
             for c in range(b * per_block, min(b * per_block + per_block, steps)):
                 lookup32(table, packed, c * 16, out, c * 32, a)
     if steps * 32 < n:
-        a = _block_absmax(nb - 1, absmax, codes, scale, offset)  # the tail lies in the last block
+        a = _block_absmax(first + nb - 1, absmax, codes, scale, offset)  # the tail lies in the last block
         for i in range(steps * 32, n):
             q = np.int64(packed[i >> 1])
             out[i] = table[(q >> 4) if (i & 1) == 0 else (q & 15)] * a
@@ -770,34 +772,50 @@ _NO_CODES = np.empty(0, dtype=np.uint8)
 _NO_SCALE = np.empty(0, dtype=np.float32)
 
 
+def check_rows(state: QuantState, rows: tuple[int, int]) -> tuple[int, int]:
+    """(first value, number of values) of rows r0:r1 of a 2-D state; ValueError unless the range is within
+    the rows and starts on a block boundary (so it dequantizes on its own)."""
+    r0, r1 = (int(r) for r in rows)
+    if len(state.shape) != 2 or not 0 <= r0 < r1 <= state.shape[0]:
+        raise ValueError(f"rows {rows} are not a non-empty row range of a 2-D state of shape {state.shape}")
+    n_in = int(state.shape[1])
+    if (r0 * n_in) % state.block_size:
+        raise ValueError(f"rows {rows} start inside a block of {state.block_size} values (shape {state.shape})")
+    return r0 * n_in, (r1 - r0) * n_in
+
+
 def dequantize_4bit(
     packed: np.ndarray, state: QuantState, out: np.ndarray | None = None, validate: bool = True,
-    serial: bool = False,
+    serial: bool = False, rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """x_hat = code[q] * absmax_block as float32 of ``state.shape``, written into ``out`` if given.
 
     ``validate=False`` skips the checks of ``state`` and ``packed`` (about 20 us a call), for a caller
     that dequantizes the same already-validated arrays every step (a QLoRA layer's forward);
-    ``serial=True`` runs on the calling thread only (``_dequantize4_serial_kernel``).
+    ``serial=True`` runs on the calling thread only (``_dequantize4_serial_kernel``). ``rows=(r0, r1)``:
+    only those rows of a 2-D state (r0 * in on a block boundary), as a (r1 - r0, in) array: a big
+    weight's row chunk, its absmax decoded in the loop like a whole tensor's, not in a pass of its own.
     """
     if validate:
         state.validate()
         check_packed(packed, state)
+    v0, n = (0, state.n) if rows is None else check_rows(state, rows)
+    shape = tuple(state.shape) if rows is None else (n // int(state.shape[1]), int(state.shape[1]))
     given = out is not None
     if out is None:
-        out = np.empty(state.shape, dtype=np.float32)  # NumPy's allocations are aligned well past 8 bytes
+        out = np.empty(shape, dtype=np.float32)  # NumPy's allocations are aligned well past 8 bytes
     elif (
         not isinstance(out, np.ndarray)
         or out.dtype != np.float32
-        or out.shape != state.shape
+        or out.shape != shape
         or not out.flags.c_contiguous
         or not out.flags.writeable
     ):
         raise ValueError(
-            f"out must be a writeable C-contiguous float32 array of shape {state.shape}, got "
+            f"out must be a writeable C-contiguous float32 array of shape {shape}, got "
             f"{getattr(out, 'dtype', type(out))} of shape {getattr(out, 'shape', None)}"
         )
-    if state.n:
+    if n:
         if state.absmax is not None:
             absmax, codes, scale, offset = np.ascontiguousarray(state.absmax), _NO_CODES, _NO_SCALE, np.float32(0)
         else:  # double quantization: the kernel rebuilds each block's absmax itself
@@ -809,17 +827,18 @@ def dequantize_4bit(
         if not fits or np.size(packed) < (state.n + 1) // 2:
             raise ValueError(f"packed codes or absmax arrays do not fit a QuantState of shape {state.shape}")
         flat = out.reshape(-1)
-        packed = np.ascontiguousarray(packed)
+        first = v0 // state.block_size
+        packed = np.ascontiguousarray(packed[v0 // 2: (v0 + n + 1) // 2])  # v0 is a block start, so even
         if AVX512:
             kernel = _dequantize4_avx512_serial_kernel if serial else _dequantize4_avx512_kernel
-            kernel(packed, absmax, codes, scale, offset, state.block_size,
+            kernel(packed, absmax, codes, scale, offset, state.block_size, first,
                    code_table(state.quant_type), flat)
             return out
         kernel = _dequantize4_serial_kernel if serial else _dequantize4_kernel
         # the kernel stores value pairs as 8-byte words: an ``out`` that starts mid-word gets a copy
         mid_word = given and flat.size > 1 and not flat[:2].view(np.uint64).flags.aligned
         aligned = np.empty(flat.size, dtype=np.float32) if mid_word else flat
-        kernel(packed, absmax, codes, scale, offset, state.block_size, code_pairs(state.quant_type), aligned)
+        kernel(packed, absmax, codes, scale, offset, state.block_size, first, code_pairs(state.quant_type), aligned)
         if aligned is not flat:
             flat[...] = aligned
     return out

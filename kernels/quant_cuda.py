@@ -33,6 +33,7 @@ from .quant import (
     check_block_size,
     check_packed,
     check_quant_type,
+    check_rows,
     kernel_tables,
 )
 
@@ -316,15 +317,23 @@ def dequantize_absmax(state: QuantState):
     return out
 
 
-def dequantize_4bit(packed, state: QuantState, out=None, validate: bool = True):
+def dequantize_4bit(packed, state: QuantState, out=None, validate: bool = True, rows=None):
     """x_hat = code[q] * absmax_block on the GPU, float32 of ``state.shape`` (into ``out`` if given).
 
     ``validate=False`` skips the checks of ``state`` and ``packed``, which wait for the GPU twice (for
-    a caller that dequantizes the same already-validated arrays every step).
+    a caller that dequantizes the same already-validated arrays every step). ``rows=(r0, r1)``: only
+    those rows of a 2-D state (r0 * in on a block boundary), through the same kernel on that range's
+    codes and its blocks' absmax.
     """
     if validate:
         state.validate()
         check_packed(packed, state)
+    if rows is not None:
+        v0, n = check_rows(state, rows)
+        block, n_in = state.block_size, int(state.shape[1])
+        absmax = dequantize_absmax(state)[v0 // block: -(-(v0 + n) // block)]
+        sub = QuantState(shape=(n // n_in, n_in), quant_type=state.quant_type, block_size=block, absmax=absmax)
+        return dequantize_4bit(packed[v0 // 2: (v0 + n + 1) // 2], sub, out, False)
     xp = array_module(packed)
     if out is None:
         out = xp.empty(state.shape, dtype=xp.float32)

@@ -41,7 +41,8 @@ def quantize_4bit(x: Any, quant_type: str = "nf4", block_size: int = 64, double_
     raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
 
 
-def dequantize_4bit(packed: Any, state: Any, out: Any = None, validate: bool = True, serial: bool = False) -> Any:
+def dequantize_4bit(packed: Any, state: Any, out: Any = None, validate: bool = True, serial: bool = False,
+                    rows: Any = None) -> Any:
     raise NotImplementedError("no 4-bit kernels over strict array-API arrays")
 
 

@@ -68,6 +68,16 @@ SCRIPT = textwrap.dedent(
     assert np.all(err <= np.repeat(d2.absmax_scale, 256)[:600] / 254 * 1.0001 + 1e-6), err.max()
     cases += 1
 
+    # a row range: the whole kernel over the range's codes and its blocks' absmax (300 blocks: two
+    # double-quant groups, the range starting inside the first)
+    x = rng.standard_normal((300, 32)).astype(np.float32)
+    for dq in (False, True):
+        p1, s1 = Q.quantize_4bit(x, "nf4", 32, dq)
+        p2, s2 = C.quantize_4bit(x, "nf4", 32, dq)
+        for rows in ((100, 300), (0, 1), (255, 257)):
+            assert same(Q.dequantize_4bit(p1, s1, rows=rows), C.dequantize_4bit(p2, s2, rows=rows)), (dq, rows)
+        cases += 1
+
     # exact ties go to the lower index, as on the CPU
     c = Q.NF4_CODE[8]
     p, _ = C.quantize_4bit(np.array([1.0, c / 2, Q.NF4_CODE[6] / 2, c], np.float32), "nf4", 32)
@@ -111,7 +121,7 @@ def test_cuda_kernels_match_cpu_under_the_simulator():
     if proc.returncode == 0 and proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, out
-    assert "OK 25 cases" in proc.stdout, out
+    assert "OK 27 cases" in proc.stdout, out
 
 
 @pytest.mark.slow

@@ -319,6 +319,38 @@ def test_dequantize_into_an_out_that_starts_mid_word_matches_the_reference(looku
     assert _same(out, R.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("quant_type,dq", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("shape,block,spans", [
+    # 784 = 12.25 blocks of 64 a row: ranges start every 4 rows, and past the first group of 256 blocks
+    ((600, 784), 64, [(0, 600), (4, 8), (332, 600), (596, 600), (100, 101), (0, 4)]),
+    ((64, 33), 32, [(32, 64), (32, 63), (0, 32)]),  # an odd number of values: the last byte's high nibble
+    ((3, 4096), 4096, [(1, 3), (2, 3)]),
+])
+def test_a_row_range_gives_those_rows_of_the_whole_bit_for_bit(lookup, quant_type, dq, shape, block, spans):
+    """rows=(r0, r1) decodes each block's absmax in the loop from the state's own arrays, starting at block
+    r0 * in / block: the bits of the whole tensor's rows r0:r1, in either build."""
+    x = np.random.default_rng(shape[0]).standard_normal(shape).astype(np.float32) * 3
+    packed, state = Q.quantize_4bit(x, quant_type, block, dq)
+    whole = Q.dequantize_4bit(packed, state)
+    for r0, r1 in spans:
+        for serial in (False, True):
+            assert _same(Q.dequantize_4bit(packed, state, serial=serial, rows=(r0, r1)), whole[r0:r1])
+        out = np.full((r1 - r0, shape[1]), np.nan, np.float32)
+        assert Q.dequantize_4bit(packed, state, out, False, True, (r0, r1)) is out and _same(out, whole[r0:r1])
+
+
+def test_a_row_range_is_checked() -> None:
+    packed, state = Q.quantize_4bit(np.ones((8, 40), np.float32), "nf4", 64, True)
+    for rows, what in [((1, 3), "inside a block"), ((0, 9), "row range"), ((3, 3), "row range"), ((-8, 2), "row range")]:
+        with pytest.raises(ValueError, match=what):
+            Q.dequantize_4bit(packed, state, rows=rows)
+    with pytest.raises(ValueError, match=r"shape \(2, 40\)"):
+        Q.dequantize_4bit(packed, state, np.empty((8, 40), np.float32), rows=(0, 2))  # out must fit the rows
+    p1, s1 = Q.quantize_4bit(np.ones(80, np.float32), "nf4", 64)
+    with pytest.raises(ValueError, match="2-D"):
+        Q.dequantize_4bit(p1, s1, rows=(0, 1))
+
+
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 1001])
 def test_serial_dequantize_matches_the_parallel_one_bit_for_bit(lookup, n):
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)

@@ -125,14 +125,15 @@ class PackedWeight:
 
     def dequantize(self) -> Any:
         """The whole weight as a fresh array of the compute dtype."""
-        return self._dequantize(self.packed, self.state, None)
+        return self._dequantize(None)
 
-    def _dequantize(self, packed: Any, state: QuantState, out: Any) -> Any:
+    def _dequantize(self, out: Any, rows: tuple[int, int] | None = None) -> Any:
+        """W (or rows r0:r1 of it) into ``out`` (or a fresh array), in the compute dtype."""
         # validate=False: the arrays were checked when they were made, loaded or merged, and checking
         # them again on every forward would cost a quarter of the dequantize (and two GPU waits on CuPy).
         # serial=True: on a CPU, one thread (a parallel region costs more than it saves at chunk size,
         # and on a busy machine waits for a core); a device kernel ignores it
-        w = self.backend.kernels.dequantize_4bit(packed, state, out, False, True)
+        w = self.backend.kernels.dequantize_4bit(self.packed, self.state, out, False, True, rows)
         if w.dtype != self.dtype:  # a float64 layer (gradient checks): one cast of the float32 values
             w = self.backend.astype(w, self.dtype)
         return w
@@ -155,15 +156,10 @@ class PackedWeight:
         if len(spans) == 1:
             yield 0, spans[0][1], self.dequantize()
             return
-        state, n_in, block = self.state, self.state.shape[1], self.state.block_size
-        absmax = self.backend.kernels.dequantize_absmax(state)  # per block, 1/block of the weight's size
         xp = self.backend.xp
-        buf = xp.empty((spans[0][1], n_in), dtype=xp.float32)
+        buf = xp.empty((spans[0][1], self.shape[1]), dtype=xp.float32)
         for r0, r1 in spans:
-            v0, v1 = r0 * n_in, r1 * n_in  # v0 is a multiple of the block size, so even
-            sub = QuantState(shape=(r1 - r0, n_in), quant_type=state.quant_type, block_size=block,
-                             absmax=absmax[v0 // block: -(-v1 // block)])
-            yield r0, r1, self._dequantize(self.packed[v0 // 2: (v1 + 1) // 2], sub, buf[: r1 - r0])
+            yield r0, r1, self._dequantize(buf[: r1 - r0], (r0, r1))
 
     def _whole(self, keep: bool) -> Any:
         """The whole W (unchunked weights only), held for the backward when ``keep`` and the budget allow."""
