@@ -90,8 +90,8 @@ def test_damaged_or_inconsistent_adapter_files(tmp_path: Path) -> None:
     (tmp_path / "ad" / "adapter_model.npz").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(CheckpointError, match="adapter_model.npz"):
         load_adapters(base, tmp_path / "ad")
+    save_adapters(adapted(), tmp_path / "ok")
     with pytest.raises(AdapterError, match="already has an adapter named 'default'"):
-        save_adapters(adapted(), tmp_path / "ok")
         load_adapters(adapted(), tmp_path / "ok")
 
 

@@ -100,7 +100,7 @@ def test_adapter_flags_reach_the_saved_config(tmp_path: Path, capsys) -> None:
 def test_base_with_adapters_gains_a_second_one_and_the_first_stays_as_it_was(two_adapter_folder: Path) -> None:
     tmp = two_adapter_folder
     config = json.loads((tmp / "ab" / "config.json").read_text())
-    assert list(config["adapters"]) == ["default", "b"] or set(config["adapters"]) == {"default", "b"}
+    assert set(config["adapters"]) == {"default", "b"}
     assert config["active_adapter"] == "b" and config["adapters"]["b"]["use_dora"]
     m = metrics(tmp / "ab.json")
     assert m["params"]["trainable"] == LORA_PARAMS + 512 + 256 + 10  # only "b" trained

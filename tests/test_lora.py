@@ -166,7 +166,6 @@ def test_unknown_target_lists_available_names_and_changes_nothing() -> None:
     with pytest.raises(AdapterError, match=r"'fc9'.*enc\.0, enc\.1, head"):
         inject_adapters(net, r=2, target_modules=["head", "fc9"])
     assert not list(lora_layers(net)) and all(p.requires_grad for p in net.parameters())
-    assert not list(lora_layers(net))
 
 
 # ------------------------------------------------------------------------------ a rank above a layer's width

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gradcheck import as_leaf, gradcheck  # noqa: E402
 
-from minitorch_peft.kernels.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from minitorch_peft.kernels.quant import FP4_CODE, NF4_CODE, dequantize_4bit, quantize_4bit  # noqa: E402
 from minitorch_peft import Tensor, manual_seed, no_grad  # noqa: E402
 from minitorch_peft import functional as F  # noqa: E402
 from minitorch_peft.checkpoint import load_model, save_model  # noqa: E402
@@ -104,6 +104,26 @@ def test_the_float_weight_is_gone_and_the_4bit_arrays_are_buffers() -> None:
     assert count_parameters(model) == {"total": 40 * 30 + 30 * 10 + 30 + 10 + 4 * (40 + 30) + 4 * (30 + 10),
                                        "trainable": 4 * (40 + 30) + 4 * (30 + 10),
                                        "frozen": 40 * 30 + 30 * 10 + 30 + 10}
+
+
+@pytest.mark.parametrize("quant,dq", QUANTS)
+def test_the_4bit_base_is_the_float_weight_it_replaced(quant: str, dq: bool) -> None:
+    """Each value of the 4-bit base lies within half the code book's widest gap, times its block's absmax,
+    of the float weight it replaced (with double quantization, plus the 8-bit error of that absmax, at most
+    1/254 of the largest); a new adapter (B = 0) then gives the float layer's output to within that error."""
+    manual_seed(0)
+    lin = Linear(96, 20)
+    w, b = lin.weight.data.copy(), lin.bias.data.copy()
+    layer = QLoRALinear.from_linear(lin, r=2, quant_type=quant, double_quant=dq, block_size=64)
+    code = NF4_CODE if quant == "nf4" else FP4_CODE
+    absmax = np.abs(w.reshape(-1, 64)).max(axis=1, keepdims=True)
+    bound = absmax * np.diff(np.sort(code)).max() / 2 + (absmax.max() / 254 if dq else 0.0)
+    bound = np.broadcast_to(bound * 1.0001 + 1e-7, (absmax.size, 64)).reshape(w.shape)
+    w_hat = layer.base_weight()
+    assert np.all(np.abs(w_hat - w) <= bound) and not np.array_equal(w_hat, w)
+    x = rng(1).standard_normal((8, 96)).astype(np.float32)
+    y = layer(Tensor(x)).numpy()
+    assert np.all(np.abs(y - (x @ w.T + b)) <= np.abs(x) @ bound.T + 1e-4)
 
 
 def test_small_mlp_weight_bytes_from_the_live_arrays() -> None:

@@ -181,7 +181,7 @@ def test_object_arrays_are_not_unpickled(tmp_path):
 def test_load_state_dict_errors_name_file_and_key(tmp_path):
     model = nn.MLP([4, 3, 2])
     before = {k: v.copy() for k, v in model.state_dict().items()}
-    state = {k: v.copy() for k, v in model.state_dict().items()}
+    state = {k: v + 1.0 for k, v in model.state_dict().items()}  # other values: a partial load would show
 
     missing = tmp_path / "missing.npz"
     save_npz(missing, {k: v for k, v in state.items() if k != "fc2.bias"})
