@@ -109,6 +109,15 @@ class TrainConfig:
                         raise AdapterError(f"target module {target!r} matches no Linear module; available: {', '.join(shapes)}")
         get_backend(self.backend)
         check_output(self.output, "--output")  # a folder we may replace, and writable: before any work
+        if self.save_every_epoch:  # OUTPUT-best is replaced whole too, under the same policy
+            check_output(self.best_output(), "--save-every-epoch (OUTPUT-best)")
+
+    def best_output(self) -> Path:
+        """Where ``--save-every-epoch`` keeps the epoch of best test accuracy: the output folder's name + ``-best``."""
+        output = Path(self.output)
+        if output.name in ("", ".."):  # '.' or '..': a sibling of the folder they name, not one inside it
+            output = output.resolve()
+        return output.with_name(output.name + "-best")
 
     def lora_config(self, **overrides: Any) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.rslora,
@@ -457,7 +466,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     optimizer = world.prepare(optimizer, model, agreement_record(asdict(cfg), data), log, state.rng_ranks)
     state.counts = {k: counts[k] for k in ("baseline", "total", "trainable", "frozen")}
     output = Path(cfg.output)
-    best = output.with_name(output.name + "-best")
+    best = cfg.best_output()
     start_epoch = state.epoch
     ranks = {"ranks": world.size} if world.size > 1 else {}
 
