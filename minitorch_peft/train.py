@@ -21,7 +21,7 @@ from .backend import Backend, get_backend
 from .checkpoint import load_model, save_model
 from .errors import ConfigError, MinitorchPeftError
 from .outputs import check_output
-from .schema import check_adapter_name
+from .schema import MAX_RANK, check_adapter_name
 from .serialize import CheckpointError
 from .data import iterate_batches, load_mnist_like, num_batches
 from .distributed import Solo, World, agreement_record
@@ -74,6 +74,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.rank > MAX_RANK:  # a folder saved with it could never be read back (and 10**9 runs out of memory)
+            raise ConfigError(f"--rank must be an integer from 1 to {MAX_RANK}, got {self.rank}")
         for name in ("lr", "alpha", "dropout", "loraplus_ratio"):  # nan and inf pass '> 0'-style checks
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")

@@ -80,3 +80,18 @@ def test_1_best_folder_is_the_outputs_sibling(tmp_path: Path, monkeypatch) -> No
     monkeypatch.chdir(tmp_path / "w")
     assert TrainConfig(output=".").best_output() == tmp_path / "w-best"  # not './-best' (which raised ValueError)
     TrainConfig(output=".", save_every_epoch=True).validate()  # an empty folder and a new sibling: accepted
+
+
+# ------------------------------------------------------------------ 2. a rank no folder can hold
+
+
+@pytest.mark.parametrize("rank", ["70000", "1000000000"])
+def test_2_rank_above_the_schema_maximum_is_refused_before_the_banner(tmp_path: Path, capsys, rank: str) -> None:
+    code, out, err = cli_main(capsys, "train", "--rank", rank, "--targets", "fc3", *TINY, "--epochs", "1",
+                              "--output", str(tmp_path / "m"))
+    assert_one_line_error((code, out, err), f"--rank must be an integer from 1 to {MAX_RANK}, got {rank}")
+    assert out == "" and not (tmp_path / "m").exists()
+
+
+def test_2_the_largest_rank_a_folder_may_hold_is_accepted(tmp_path: Path) -> None:
+    TrainConfig(rank=MAX_RANK, targets=["fc3"], output=str(tmp_path / "m")).validate()  # above 10: one warning, later

@@ -46,7 +46,7 @@ def ignored_flags(ctx: click.Context, method: str) -> str | None:
               help="lora | dora | lora-plus | qlora | qdora (4-bit base) | head (only the last layer trains) | full "
                    "(see the README for the family).")
 @click.option("--rank", default=8, show_default=True, type=int,
-              help="LoRA rank r (any r >= 1; above a layer's min(in, out) it is said in one warning line).")
+              help="LoRA rank r (1 to 65536; above a layer's min(in, out) it is said in one warning line).")
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scaling alpha/r).")
 @click.option("--rslora", is_flag=True, default=False, help="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
 @click.option("--dropout", default=0.0, show_default=True, type=float, help="Dropout on the adapter's input, in [0, 1).")
