@@ -130,6 +130,9 @@ def resumed_config(folder: str, **overrides: Any) -> TrainConfig:
     """The settings of the run saved in ``folder``, to continue it there (or to ``overrides["output"]``)."""
     training, _ = read_run(folder)
     saved = {k: training[k] for k in TrainConfig.__dataclass_fields__ if k in training}
+    if saved.get("method", "lora") not in METHODS:
+        raise CheckpointError(f"{folder}/config.json: 'training.method' must be one of {', '.join(METHODS)}, "
+                              f"got {saved['method']!r}")
     return TrainConfig(**{**saved, "output": folder, **overrides, "resume": folder})
 
 

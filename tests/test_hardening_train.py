@@ -95,3 +95,96 @@ def test_2_rank_above_the_schema_maximum_is_refused_before_the_banner(tmp_path: 
 
 def test_2_the_largest_rank_a_folder_may_hold_is_accepted(tmp_path: Path) -> None:
     TrainConfig(rank=MAX_RANK, targets=["fc3"], output=str(tmp_path / "m")).validate()  # above 10: one warning, later
+
+
+# ------------------------------------------------------------------ 3. a resumed run's saved fields are typed
+
+
+@pytest.fixture
+def saved_run(tmp_path: Path) -> Path:
+    return run_folder(tmp_path / "run")
+
+
+def _set(path: str, value: Any):
+    def change(config: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return change
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("training.batch_size", "64", "'training.batch_size' must be an integer >= 1, got '64'"),
+    ("training.limit", "x", "'training.limit' must be an integer >= 1 or null, got 'x'"),
+    ("training.lr", "abc", "'training.lr' must be a finite number > 0, got 'abc'"),
+    ("training.seed", 1.5, "'training.seed' must be an integer from 0 to 2**63 - 1, got 1.5"),
+    ("training.targets", 5, "'training.targets' must be a non-empty list of module names, got 5"),
+    ("training.method", "bogus", "'training.method' must be one of lora, "),
+    ("training.test_accuracy", ["x"], "'training.test_accuracy' must be a list of accuracies"),
+    ("resume.train_seconds", "abc", "'resume.train_seconds' must be a finite number >= 0, got 'abc'"),
+    ("resume.params", [1, 2], "'resume.params' must be an object mapping names to parameter counts"),
+    ("resume.optimizer.with_state", 5, "'resume.optimizer.with_state' must be a list of tensor indices"),
+    ("resume.optimizer.with_state", ["a"], "'resume.optimizer.with_state' must be a list of tensor indices"),
+    ("resume.optimizer.param_groups", ["x"], "'resume.optimizer.param_groups[0]' must be an object"),
+    ("resume.optimizer.param_groups.0.lr", "x", "'resume.optimizer.param_groups[0].lr' must be a finite number > 0"),
+    ("resume.optimizer.param_groups.0.betas", [0.9, 1.0], "'resume.optimizer.param_groups[0].betas' must be a list of two"),
+    ("resume.optimizer.param_groups.0.params", "x", "'resume.optimizer.param_groups[0].params' must be a list of tensor"),
+])
+def test_3_mistyped_saved_fields_are_one_line_naming_file_and_field(saved_run: Path, capsys, field: str, value: Any,
+                                                                   needle: str) -> None:
+    edit_config(saved_run, _set(field, value))
+    code, out, err = resume(capsys, saved_run)
+    assert_one_line_error((code, out, err), f"{saved_run}/config.json: ", needle)
+    assert out == "" and not (saved_run.parent / "o").exists()  # refused before anything was read or built
+
+
+@pytest.mark.parametrize("step,needle", [(-5, "'0.step' must be a count (an integer >= 0), got -5"),
+                                         (1.5, "'0.step' must be a count (an integer >= 0), got 1.5")])
+def test_3_a_negative_or_fractional_step_count_is_refused(saved_run: Path, capsys, step: float, needle: str) -> None:
+    path = saved_run / OPTIMIZER_FILE
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["0.step"] = np.asarray(step)  # was: "math domain error" (sqrt(1 - beta2**step) of a negative number)
+    np.savez(path, **arrays)
+    code, out, err = resume(capsys, saved_run)
+    assert_one_line_error((code, out, err), f"{saved_run}/{OPTIMIZER_FILE}: ", needle)
+    assert out == ""
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-plus", "dora", "qlora", "full", "head"])
+def test_3_what_train_writes_is_read_back(tmp_path: Path, method: str) -> None:
+    training, state = read_run(run_folder(tmp_path / "run", method=method))
+    assert training["method"] == method and state.epoch == 1 and state.losses == [2.3, 2.2, 2.1, 2.0]
+    assert state.train_seconds == 1.5 and state.counts["baseline"] == MLP(DIMS).num_parameters()
+    assert state.optimizer_arrays and all(k.split(".")[1] in ("m", "v", "step") for k in state.optimizer_arrays)
+
+
+@pytest.mark.parametrize("state,needle", [
+    ({"state": {}, "param_groups": ["x"]}, "'param_groups' must be a list of parameter groups"),
+    ({"state": [], "param_groups": [{"params": [0]}]}, "'state' must map tensor indices"),
+    ({"state": {}, "param_groups": [{"params": [0], "lr": "x"}]}, "setting 'lr' is 'x'"),
+    ({"state": {}, "param_groups": [{"params": [0], "lr": -1.0}]}, "setting 'lr' is -1.0"),
+    ({"state": {}, "param_groups": [{"params": [0], "betas": [0.9]}]}, "setting 'betas' is [0.9]"),
+    ({"state": {}, "param_groups": [{"params": 5}]}, "'params' must be a list of tensor indices"),
+    ({"state": {"a": {}}, "param_groups": [{"params": [0]}]}, "state key 'a' is not a tensor index"),
+    ({"state": {0: {"step": -5}}, "param_groups": [{"params": [0]}]}, "state 'step' of tensor 0 must be a count"),
+    ({"state": {0: {"step": 1.5}}, "param_groups": [{"params": [0]}]}, "state 'step' of tensor 0 must be a count"),
+])
+def test_3_load_state_dict_refuses_wrong_kinds_by_name(state: dict[str, Any], needle: str) -> None:
+    opt = Adam([Tensor(np.zeros(3, np.float32), requires_grad=True)])
+    with pytest.raises(OptimizerStateError) as e:
+        opt.load_state_dict(state)
+    assert needle in str(e.value)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.state == {}  # nothing changed
+
+
+def test_3_load_state_dict_still_takes_counts_as_0d_arrays_and_whole_floats() -> None:
+    p = Tensor(np.zeros(3, np.float32), requires_grad=True)
+    opt = Adam([p])
+    opt.load_state_dict({"state": {"0": {"step": np.asarray(3), "m": np.ones(3), "v": np.ones(3)}},
+                         "param_groups": [{"params": [0], "lr": 0.5, "betas": [0.8, 0.9]}]})
+    assert opt.state[id(p)]["step"] == 3 and opt.param_groups[0]["betas"] == (0.8, 0.9)
+    opt.load_state_dict({"state": {0: {"step": 4.0}}, "param_groups": [{"params": [0]}]})
+    assert opt.state[id(p)]["step"] == 4 and type(opt.state[id(p)]["step"]) is int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -92,20 +93,29 @@ class Optimizer:
             saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         except (KeyError, TypeError):
             raise OptimizerStateError("an optimizer state dict needs 'state' and 'param_groups'") from None
+        if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, dict) for g in saved_groups):
+            raise OptimizerStateError("'param_groups' must be a list of parameter groups (objects)")
+        if not isinstance(saved_state, dict) or not all(isinstance(e, dict) for e in saved_state.values()):
+            raise OptimizerStateError("'state' must map tensor indices to their state (objects)")
         if len(saved_groups) != len(self.param_groups):
             raise OptimizerStateError(
                 f"the state has {len(saved_groups)} parameter group(s), this optimizer {len(self.param_groups)}")
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved.get("params", ()), (list, tuple)):
+                raise OptimizerStateError(f"parameter group {i}: 'params' must be a list of tensor indices, got {saved['params']!r}")
             if len(saved.get("params", ())) != len(group["params"]):
                 raise OptimizerStateError(f"parameter group {i} has {len(saved.get('params', ()))} tensor(s) in the state, "
                                           f"{len(group['params'])} here")
             unknown = set(saved) - set(group) - {"params"}
             if unknown:
                 raise OptimizerStateError(f"parameter group {i}: unknown setting(s) {', '.join(sorted(unknown))}")
+            for k, v in saved.items():
+                if k != "params" and (not _fits(v, group[k]) or k == "lr" and not v > 0):
+                    raise OptimizerStateError(f"parameter group {i}: setting {k!r} is {v!r}, this optimizer's is {group[k]!r}")
         params = self._indexed_params()
         state: dict[int, dict[str, Any]] = {}
         for key, entry in saved_state.items():
-            i = int(key)
+            i = _index(key)
             if not 0 <= i < len(params):
                 raise OptimizerStateError(f"state for tensor {i}, but the optimizer has {len(params)}")
             p = params[i]
@@ -120,10 +130,50 @@ class Optimizer:
                 elif value is None:
                     restored[name] = None
                 else:  # a count such as Adam's step (a 0-d array once it has been through a file)
-                    restored[name] = int(value)
+                    count = _count(value)
+                    if count is None:  # a negative step would reach sqrt(1 - beta2**step) < 0
+                        raise OptimizerStateError(f"state {name!r} of tensor {i} must be a count (a whole number >= 0), got {value!r}")
+                    restored[name] = count
             state[id(p)] = restored
         for saved, group in zip(saved_groups, self.param_groups):
             for k, v in saved.items():
                 if k != "params":
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
         self.state = state
+
+
+def _index(key: Any) -> int:
+    """A state key as a tensor index: an int, or its decimal digits once it has been through a file."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return int(key)
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    raise OptimizerStateError(f"state key {key!r} is not a tensor index")
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a count (a whole number >= 0, maybe a 0-d array), or None if it is not one."""
+    if hasattr(value, "shape"):
+        value = backend_of(value).to_numpy(value)
+    a = np.asarray(value)
+    if a.ndim or a.dtype.kind not in "iuf":
+        return None
+    x = a.item()
+    return int(x) if math.isfinite(x) and x >= 0 and float(x).is_integer() else None
+
+
+def _fits(saved: Any, current: Any) -> bool:
+    """Whether a saved group setting can take the place of ``current``: the same kind of value (a bool for a
+    bool, a finite number for a number, as many finite numbers for a tuple, a string or None for a name)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+    if isinstance(current, bool):
+        return isinstance(saved, bool)
+    if number(current):
+        return number(saved)
+    if isinstance(current, tuple):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(current) and all(number(v) for v in saved)
+    if current is None or isinstance(current, str):
+        return saved is None or isinstance(saved, str)
+    return True
