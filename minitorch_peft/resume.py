@@ -12,11 +12,12 @@
 ``read_run`` reads them back and ``RunState.restore`` puts them into a rebuilt optimizer, so that the
 remaining epochs run exactly as they would have without the stop (bit-identical weights). The folder is
 untrusted: ``read_run`` checks every saved field's type and range (one CheckpointError naming the file and
-the field) before anything is built.
+the field) and reads each ``.npz`` within what the run can hold, before anything is built.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checkpoint import save_model
+from .checkpoint import read_config, save_model
+from .data.datasets import IMAGE_SHAPE
+from .data.idx import MAX_IDX_BYTES
 from .optim import Optimizer, OptimizerStateError
 from .random import generator
-from .schema import ADAPTER_NAME, MAX_LAYERS, _is_int, _is_number, _type_name
+from .schema import ADAPTER_NAME, MAX_LAYERS, _is_int, _is_number, _type_name, implied_shapes
 from .serialize import CheckpointError, load_json, load_npz
 
 OPTIMIZER_FILE = "optimizer.npz"
 HISTORY_FILE = "history.npz"
+# The most training samples a data file can hold (an image file is at most MAX_IDX_BYTES): so the most
+# steps an epoch can take (batch size 1), hence the most losses history.npz can hold per epoch.
+MAX_TRAIN_SAMPLES = MAX_IDX_BYTES // math.prod(IMAGE_SHAPE)
 _STATE_KEY = re.compile(r"([0-9]+)\.(.+)")  # optimizer.npz: '<tensor index>.<name>' (fullmatch)
 
 Check = tuple[Callable[[Any], bool], str]  # (test, what the value must be)
@@ -140,7 +146,9 @@ def save_run(model: Any, optimizer: Optimizer, path: str | Path, training: dict[
 def read_run(path: str | Path) -> tuple[dict[str, Any], RunState]:
     """The saved run's settings (``config.json``'s "training") and its ``RunState``; a CheckpointError names
     the file and the field of anything missing (e.g. a folder saved before runs were resumable), mistyped or
-    out of range. Everything is checked here, before a model or optimizer is built."""
+    out of range. Everything is checked here, before a model or optimizer is built: the settings' types,
+    the model's schema (``read_config``), and the ``.npz`` files' sizes from their headers, bounded by what
+    the run can hold."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: model folder not found")
@@ -163,14 +171,16 @@ def read_run(path: str | Path) -> tuple[dict[str, Any], RunState]:
                            "params": (lambda v: isinstance(v, dict) and all(_is_int(n) and n >= 0 for n in v.values()),
                                       "an object mapping names to parameter counts (integers >= 0)")}, "resume", source)
     optimizer = _check_optimizer(resume.get("optimizer"), source)
-    history = load_npz(path / HISTORY_FILE, finite=True)
+    model_config = read_config(path)  # the model's schema, and its arrays' shapes from the headers: they bound the files
+    # history.npz: one float64 loss per step, at most MAX_TRAIN_SAMPLES steps an epoch (batch size 1)
+    history = load_npz(path / HISTORY_FILE, finite=True, max_bytes=8 * epoch * MAX_TRAIN_SAMPLES)
     losses = history.get("loss_per_step")
     if losses is None or losses.ndim != 1:
         raise CheckpointError(f"{path}/{HISTORY_FILE}: 'loss_per_step' must be a 1-D array")
     return training, RunState(
         epoch=epoch, accuracies=[float(a) for a in accuracies], losses=[float(v) for v in losses],
         train_seconds=float(resume.get("train_seconds", 0.0)), counts=dict(resume.get("params") or {}),
-        optimizer=optimizer, optimizer_arrays=_optimizer_arrays(path), rng=resume.get("rng"),
+        optimizer=optimizer, optimizer_arrays=_optimizer_arrays(path, model_config), rng=resume.get("rng"),
         rng_ranks=_random_states(resume.get("rng_ranks"), path), source=str(path),
     )
 
@@ -199,10 +209,14 @@ def _check_optimizer(optimizer: Any, source: str) -> dict[str, Any]:
     return optimizer
 
 
-def _optimizer_arrays(path: Path) -> dict[str, np.ndarray]:
-    """optimizer.npz: keys ``<index>.<name>``; a 0-d array is a count (>= 0: a negative Adam step reaches the
-    square root of a negative number); the moments finite."""
-    arrays = load_npz(path / OPTIMIZER_FILE, finite=True)
+def _optimizer_arrays(path: Path, model: dict[str, Any]) -> dict[str, np.ndarray]:
+    """optimizer.npz, read within what the model saved in ``path`` can need: two moments (Adam's m and v) of
+    every parameter, 8 bytes each at most, and a step count per tensor. Keys ``<index>.<name>``; a 0-d array
+    is a count (>= 0: a negative Adam step reaches the square root of a negative number); the moments finite."""
+    base, adapters = implied_shapes(model)
+    dims = model["architecture"]["dims"]
+    n_params = sum(a * b + b for a, b in zip(dims[:-1], dims[1:])) + sum(math.prod(s) for s in adapters.values())
+    arrays = load_npz(path / OPTIMIZER_FILE, finite=True, max_bytes=16 * n_params + 8 * (len(base) + len(adapters)))
     for key, value in arrays.items():
         if _STATE_KEY.fullmatch(key) is None:
             raise CheckpointError(f"{path}/{OPTIMIZER_FILE}: unexpected key {key!r} (not '<tensor index>.<name>')")

@@ -19,7 +19,7 @@ from minitorch_peft.nn.layers import MLP
 from minitorch_peft.optim import Adam, OptimizerStateError
 from minitorch_peft.peft.model import count_parameters
 from minitorch_peft.random import manual_seed
-from minitorch_peft.resume import HISTORY_FILE, OPTIMIZER_FILE, RunState, read_run, save_run
+from minitorch_peft.resume import HISTORY_FILE, OPTIMIZER_FILE, MAX_TRAIN_SAMPLES, RunState, read_run, save_run
 from minitorch_peft.schema import MAX_RANK
 from minitorch_peft.serialize import CheckpointError
 from minitorch_peft.tensor import Tensor
@@ -188,3 +188,45 @@ def test_3_load_state_dict_still_takes_counts_as_0d_arrays_and_whole_floats() ->
     assert opt.state[id(p)]["step"] == 3 and opt.param_groups[0]["betas"] == (0.8, 0.9)
     opt.load_state_dict({"state": {0: {"step": 4.0}}, "param_groups": [{"params": [0]}]})
     assert opt.state[id(p)]["step"] == 4 and type(opt.state[id(p)]["step"]) is int
+
+
+# ------------------------------------------------------------------ 4. history.npz and optimizer.npz are bounded
+
+
+def _deflated_member(path: Path, name: str, dtype: str, count: int) -> None:
+    """Replace ``path`` by an archive of one deflated member ``name`` declaring ``count`` zeros (a few kB on disk)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf, zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": (count,)})
+        chunk = bytes(1 << 20)
+        left = count * np.dtype(dtype).itemsize
+        while left:
+            f.write(chunk[:min(left, len(chunk))])
+            left -= min(left, len(chunk))
+
+
+@pytest.mark.parametrize("file,name,dtype", [(HISTORY_FILE, "loss_per_step", "<f8"), (OPTIMIZER_FILE, "0.m", "<f4")])
+def test_4_a_small_file_declaring_64_mb_is_refused_before_allocating(saved_run: Path, file: str, name: str,
+                                                                     dtype: str) -> None:
+    _deflated_member(saved_run / file, name, dtype, (64 << 20) // np.dtype(dtype).itemsize)
+    assert (saved_run / file).stat().st_size < 256 << 10
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"arrays of 67,108,864 bytes, more than the [\d,]+ expected") as e:
+            read_run(saved_run)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"{saved_run / file}: " in str(e.value)
+    assert peak < 8 << 20, f"{peak:,} bytes allocated before refusing"
+
+
+def test_4_the_history_bound_is_every_step_of_the_largest_data_file_per_epoch(saved_run: Path) -> None:
+    """A run may legitimately hold one loss per sample (batch size 1) of the largest training file per epoch."""
+    steps = 3 * 1000
+    edit_config(saved_run, lambda c: (c["resume"].__setitem__("epoch", 3), c["training"].__setitem__("test_accuracy", [0.5] * 3)))
+    np.savez(saved_run / HISTORY_FILE, loss_per_step=np.full(steps, 0.5))
+    assert len(read_run(saved_run)[1].losses) == steps
+    assert MAX_TRAIN_SAMPLES >= 60_000  # MNIST's training split, at batch size 1
+    np.savez(saved_run / HISTORY_FILE, loss_per_step=np.array([0.5, np.nan]))
+    with pytest.raises(CheckpointError, match="'loss_per_step' holds 1 non-finite"):
+        read_run(saved_run)
