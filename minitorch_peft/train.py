@@ -104,7 +104,7 @@ class TrainConfig:
             self.lora_config()  # rank, alpha, dropout, targets: checked before any data is read
             if not self.loraplus_ratio > 0:
                 raise ConfigError(f"--loraplus-ratio must be > 0, got {self.loraplus_ratio}")
-            if self.base is None:  # the default flow's MLP: targets and rank can be checked now
+            if self.base is None and self.resume is None:  # the default flow's MLP: targets can be checked now
                 shapes = {f"fc{i + 1}": (n_in, n_out) for i, (n_in, n_out) in enumerate(zip(DIMS[:-1], DIMS[1:]))}
                 for target in self.targets:  # any rank fits (a rank above a layer's width is one warning line)
                     if target not in shapes:
@@ -127,9 +127,13 @@ class TrainConfig:
 
 
 def resumed_config(folder: str, **overrides: Any) -> TrainConfig:
-    """The settings of the run saved in ``folder``, to continue it there (or to ``overrides["output"]``)."""
+    """The settings of the run saved in ``folder``, to continue it there (or to ``overrides["output"]``).
+
+    The saved ``base`` (the first run's ``--model-dir``) is not taken: the saved run's own model is the start
+    now, and ``validate`` refuses a resume with a base. The settings' types are checked by ``read_run``.
+    """
     training, _ = read_run(folder)
-    saved = {k: training[k] for k in TrainConfig.__dataclass_fields__ if k in training}
+    saved = {k: training[k] for k in TrainConfig.__dataclass_fields__ if k in training and k != "base"}
     if saved.get("method", "lora") not in METHODS:
         raise CheckpointError(f"{folder}/config.json: 'training.method' must be one of {', '.join(METHODS)}, "
                               f"got {saved['method']!r}")

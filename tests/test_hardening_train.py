@@ -230,3 +230,26 @@ def test_4_the_history_bound_is_every_step_of_the_largest_data_file_per_epoch(sa
     np.savez(saved_run / HISTORY_FILE, loss_per_step=np.array([0.5, np.nan]))
     with pytest.raises(CheckpointError, match="'loss_per_step' holds 1 non-finite"):
         read_run(saved_run)
+
+
+# ------------------------------------------------------------------ 5. --model-dir beside --resume
+
+
+@pytest.mark.parametrize("flag", ["--model-dir", "--base"])
+def test_5_model_dir_beside_resume_is_refused_not_dropped(saved_run: Path, capsys, flag: str) -> None:
+    code, out, err = resume(capsys, saved_run, flag, str(saved_run))
+    assert_one_line_error((code, out, err), "--resume continues a saved run", "drop --model-dir")
+    assert out == "" and not (saved_run.parent / "o").exists()
+
+
+@needs_mnist
+def test_5_a_run_started_from_a_model_dir_can_be_resumed(tmp_path: Path, capsys, small_test_split) -> None:
+    """Its saved 'base' is the first run's start, not a --model-dir given beside --resume (which was refused)."""
+    assert cli_main(capsys, "train", *TINY, "--epochs", "1", "--output", str(tmp_path / "a"))[0] == 0
+    code, _, err = cli_main(capsys, "train", *TINY, "--epochs", "1", "--model-dir", str(tmp_path / "a"),
+                            "--adapter-name", "b", "--output", str(tmp_path / "ab"))
+    assert code == 0, err
+    code, out, err = cli_main(capsys, "train", "--resume", str(tmp_path / "ab"), "--epochs", "2")
+    assert code == 0 and err == "", err
+    config = json.loads((tmp_path / "ab" / "config.json").read_text())
+    assert config["resume"]["epoch"] == 2 and sorted(config["adapters"]) == ["b", "default"]

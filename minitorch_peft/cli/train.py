@@ -109,8 +109,10 @@ def train(json_path: str | None, plot_path: str | None, threads: int | None, dis
         require_matplotlib("--plot")
     if kwargs["resume"]:
         ignored = [_flag(n) for n in kwargs if n not in RESUME_OVERRIDES + ("resume", "base") and given(ctx, n)]
+        # a --model-dir is not ignored: it is passed on, and validate refuses it beside --resume, as the library does
+        base = {"base": kwargs["base"]} if kwargs["base"] is not None else {}
         with user_paths():
-            cfg = resumed_config(kwargs["resume"], **{n: kwargs[n] for n in RESUME_OVERRIDES if given(ctx, n)})
+            cfg = resumed_config(kwargs["resume"], **{n: kwargs[n] for n in RESUME_OVERRIDES if given(ctx, n)}, **base)
         cfg.validate()
         if ignored and main_rank:
             warn(f"--resume continues with the saved run's settings; ignored: {', '.join(ignored)}")
