@@ -19,3 +19,12 @@ class ConfigError(MinitorchPeftError, ValueError):
 class MinitorchPeftWarning(UserWarning):
     """Base of the project's warnings (a setting that works but deserves a note); the CLI prints each as one
     ``warning: <message>`` line on stderr."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after the command had saved something (``train --save-every-epoch``): ``saved`` says what and where,
+    so the CLI's "interrupted" line can say it instead of "nothing was saved"."""
+
+    def __init__(self, saved: str) -> None:
+        super().__init__(saved)
+        self.saved = saved

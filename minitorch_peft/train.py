@@ -19,7 +19,7 @@ import numpy as np
 from . import functional as F
 from .backend import Backend, get_backend
 from .checkpoint import load_model, save_model
-from .errors import ConfigError, MinitorchPeftError
+from .errors import ConfigError, Interrupted, MinitorchPeftError
 from .outputs import check_output
 from .schema import MAX_RANK, check_adapter_name
 from .serialize import CheckpointError
@@ -479,6 +479,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     start_epoch = state.epoch
     ranks = {"ranks": world.size} if world.size > 1 else {}
 
+    saved: dict[Path, int] = {}  # folder -> the epoch this run saved there (what a Ctrl-C leaves)
+
     def checkpoint(epoch: int, accuracy: float, seconds: float) -> None:
         """--save-every-epoch: the folder holds the last epoch (resumable); OUTPUT-best the best test accuracy."""
         state.epoch, state.train_seconds = epoch, state.train_seconds + seconds
@@ -486,8 +488,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
         state.accuracies.append(accuracy)
         if cfg.save_every_epoch:
             save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
+            saved[output] = epoch
             if accuracy > max(state.accuracies[:-1], default=-1.0):
                 save_run(model, optimizer, best, {**asdict(cfg), **ranks}, state)
+                saved[best] = epoch
                 log(f"   Saved epoch {epoch} to {output} (best so far: also {best})")
             else:
                 log(f"   Saved epoch {epoch} to {output}")
@@ -495,22 +499,38 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     batch = f"{world.size} x {cfg.batch_size} = {world.size * cfg.batch_size}" if world.size > 1 else cfg.batch_size
     log(f"\n🚀 Training for {cfg.epochs - start_epoch} epoch(s), batch {batch}, lr {cfg.lr:g}...")
     t0 = time.perf_counter()
-    _, train_time = fit(cfg, model, optimizer, data, backend, log, world, start_epoch, state.losses, checkpoint)
-    wall = time.perf_counter() - t0
+    try:
+        _, train_time = fit(cfg, model, optimizer, data, backend, log, world, start_epoch, state.losses, checkpoint)
+        wall = time.perf_counter() - t0
 
-    if not world.is_main:
+        if not world.is_main:
+            world.finish()
+            return None
+        if not cfg.save_every_epoch:  # else the last epoch is saved already
+            save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
         world.finish()
-        return None
-    if not cfg.save_every_epoch:  # else the last epoch is saved already
-        save_run(model, optimizer, output, {**asdict(cfg), **ranks}, state)
-    world.finish()
-    metrics = report(cfg, backend, counts, state.accuracies, train_time, wall, output,
-                     (cfg.epochs - start_epoch) * data.n_train, log)
+        metrics = report(cfg, backend, counts, state.accuracies, train_time, wall, output,
+                         (cfg.epochs - start_epoch) * data.n_train, log)
+    except KeyboardInterrupt:
+        if saved:  # else nothing was written: the plain interruption says so
+            raise Interrupted(_saved_note(saved, output, best, cfg.epochs)) from None
+        raise
     metrics["loss_per_step"] = state.losses
     metrics["steps_per_epoch"] = num_batches(data.n_train, cfg.batch_size * world.size)
     if cfg.resume:
         metrics["resumed_from"] = {"model_dir": cfg.resume, "epoch": start_epoch}
     return metrics
+
+
+def _saved_note(saved: dict[Path, int], output: Path, best: Path, epochs: int) -> str:
+    """What an interrupted ``--save-every-epoch`` run left: the last epoch it saved, where, and how to go on."""
+    last = saved[output]
+    note = f"epoch {last} of {epochs} is saved in {output}"
+    if saved.get(best) == last:
+        note += f" and {best} (the best so far)"
+    elif best in saved:
+        note += f"; the best so far, epoch {saved[best]}, in {best}"
+    return f"{note}; continue with --resume {output} --epochs {epochs}" if last < epochs else note
 
 
 def report(cfg: TrainConfig, backend: Backend, counts: dict[str, int], accuracies: list[float], train_time: float,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, cli_main, needs_mnist
+from minitorch_peft.errors import MinitorchPeftError
 from minitorch_peft.nn.layers import MLP
 from minitorch_peft.optim import Adam, OptimizerStateError
 from minitorch_peft.peft.model import count_parameters
@@ -253,3 +254,50 @@ def test_5_a_run_started_from_a_model_dir_can_be_resumed(tmp_path: Path, capsys,
     assert code == 0 and err == "", err
     config = json.loads((tmp_path / "ab" / "config.json").read_text())
     assert config["resume"]["epoch"] == 2 and sorted(config["adapters"]) == ["b", "default"]
+
+
+# ------------------------------------------------------------------ 6. what Ctrl-C says
+
+
+@needs_mnist
+def test_6_ctrl_c_after_saved_epochs_says_where_the_last_one_is(tmp_path: Path, capsys, monkeypatch,
+                                                               small_test_split) -> None:
+    import minitorch_peft.train as train
+
+    real, calls = train.train_epoch, []
+
+    def epoch(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 2, after epoch 1 was saved
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", epoch)
+    sv = tmp_path / "sv"
+    code, out, err = cli_main(capsys, "train", *TINY, "--epochs", "3", "--save-every-epoch", "--output", str(sv))
+    assert code == 130 and "Saved epoch 1" in out
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"interrupted: epoch 1 of 3 is saved in {sv} and {sv}-best (the best so far); continue with --resume {sv} --epochs 3"]
+    assert json.loads((sv / "config.json").read_text())["resume"]["epoch"] == 1
+
+
+def test_6_the_note_names_an_older_best_and_omits_the_hint_once_done(tmp_path: Path) -> None:
+    from minitorch_peft.train import _saved_note
+
+    out, best = tmp_path / "sv", tmp_path / "sv-best"
+    assert _saved_note({out: 3, best: 1}, out, best, 5) == (
+        f"epoch 3 of 5 is saved in {out}; the best so far, epoch 1, in {best}; continue with --resume {out} --epochs 5")
+    assert _saved_note({out: 5, best: 5}, out, best, 5) == f"epoch 5 of 5 is saved in {out} and {best} (the best so far)"
+
+
+def test_6_the_cli_prints_what_train_says_was_saved(monkeypatch, capsys) -> None:
+    import minitorch_peft.train as train
+    from minitorch_peft.errors import Interrupted
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise Interrupted("epoch 1 of 2 is saved in x")
+
+    monkeypatch.setattr(train, "train", interrupted)
+    code, _, err = cli_main(capsys, "train", *TINY)
+    assert code == 130 and [line for line in err.splitlines() if line.strip()] == ["interrupted: epoch 1 of 2 is saved in x"]
+    assert issubclass(Interrupted, KeyboardInterrupt) and not issubclass(Interrupted, MinitorchPeftError)

@@ -12,7 +12,7 @@ import warnings
 
 import click
 
-from ..errors import MinitorchPeftError, MinitorchPeftWarning
+from ..errors import Interrupted, MinitorchPeftError, MinitorchPeftWarning
 from . import adapters, bench, infer, teach, train  # noqa: F401  (each registers its commands on the group)
 from .app import UserError, cli
 
@@ -44,8 +44,12 @@ def _main(argv: list[str] | None, prog_name: str) -> int:
         code = cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:
         # with standalone_mode=False click turns Ctrl-C into Abort (from the KeyboardInterrupt);
-        # every save is atomic, so an interrupted command has written nothing over an earlier checkpoint
-        if isinstance(e, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
+        # every save is atomic, so an interrupted command has written nothing over an earlier checkpoint,
+        # unless it says what it saved before the interruption (Interrupted: train --save-every-epoch)
+        cause = e if isinstance(e, KeyboardInterrupt) else e.__cause__
+        if isinstance(cause, Interrupted):
+            click.echo(f"interrupted: {cause.saved}", err=True)
+        elif isinstance(cause, KeyboardInterrupt):
             click.echo("interrupted: nothing was saved; any earlier checkpoint is unchanged", err=True)
         else:
             click.echo("interrupted", err=True)
