@@ -1,0 +1,47 @@
+"""A second audit of bad input at the command line: folders that were written but could not be loaded, summary
+lines and data errors that ended in tracebacks, destinations checked only after the work, and flags
+without bounds. Every test here failed before the fix it names, except the few that say they keep a behaviour."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, assert_one_line_error, cli_main, needs_mnist
+from minitorch_peft.checkpoint import save_model
+from minitorch_peft.nn.layers import MLP
+from minitorch_peft.peft import AdapterError, LoraConfig, RankWarning, add_adapter, combine_adapters, inject_adapters, save_peft
+from minitorch_peft.random import manual_seed
+from test_hardening import TINY, model_folder, rewrite_config
+
+
+def two_adapter_folder(path: Path) -> Path:
+    """A tiny model folder (4-3-2) holding adapters 'default' and 'two' on both layers, as if trained (B != 0)."""
+    manual_seed(0)
+    model = MLP([4, 3, 2])
+    inject_adapters(model, LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    add_adapter(model, "two", LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            p.data[...] = 0.5
+    return save_model(model, path)
+
+
+# ------------------------------------------------------------------ 1. no folder written that cannot be loaded
+
+
+def test_1_import_peft_refuses_a_rank_above_what_a_model_folder_holds(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("safetensors")
+    manual_seed(0)
+    model = MLP([4, 3, 2])
+    with pytest.warns(RankWarning):  # the rank is far above the layer's width: said once, as in PEFT
+        inject_adapters(model, LoraConfig(r=70000, target_modules=["fc2"]))
+    save_peft(model, tmp_path / "hf")  # a PEFT folder consistent in itself: weights of shape (70000, 3) and (2, 70000)
+    base = model_folder(tmp_path / "base", adapters=False, dims=(4, 3, 2))
+    result = cli_main(capsys, "import-peft", "--model-dir", str(base), "--peft", str(tmp_path / "hf"),
+                      "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, "'r' must be an integer from 1 to 65536, got 70000")
+    assert not (tmp_path / "out").exists()
