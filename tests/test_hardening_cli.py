@@ -45,3 +45,20 @@ def test_1_import_peft_refuses_a_rank_above_what_a_model_folder_holds(tmp_path: 
                       "--output", str(tmp_path / "out"))
     assert_one_line_error(result, "'r' must be an integer from 1 to 65536, got 70000")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a.b", "a b"])
+def test_1_merge_refuses_an_adapter_name_a_model_folder_cannot_hold(tmp_path: Path, capsys, name: str) -> None:
+    folder = two_adapter_folder(tmp_path / "m")
+    result = cli_main(capsys, "merge", "--model-dir", str(folder), "--adapters", "default,two", "--weights", "1,1",
+                      "--adapter-name", name, "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, "--adapter-name must be 1 to 128 characters without dots, spaces or slashes", repr(name))
+    assert result[1] == "" and not (tmp_path / "out").exists()  # refused before loading anything
+
+
+def test_1_combine_adapters_refuses_such_a_name_too(tmp_path: Path) -> None:
+    from minitorch_peft.checkpoint import load_model
+
+    model, _ = load_model(two_adapter_folder(tmp_path / "m"))
+    with pytest.raises(AdapterError, match="without dots, spaces or slashes"):
+        combine_adapters(model, ["default", "two"], [1.0, 1.0], "a/b")

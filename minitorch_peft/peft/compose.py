@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..nn.module import Module
+from ..schema import check_adapter_name
+from ..serialize import CheckpointError
 from .config import AdapterError, LoraConfig
 from .lora import LoRALinear
 from .model import add_adapter, list_adapters, lora_layers
@@ -119,6 +121,10 @@ def _check(model: Module, names: Sequence[str], weights: Sequence[float], new_na
             raise AdapterError(f"unknown adapter {n!r}; the model has: {', '.join(known) or 'none'}")
     if not new_name or new_name in known:
         raise AdapterError(f"new adapter name {new_name!r} is empty or already taken")
+    try:  # it becomes part of the saved array keys (fc1.lora_A.<name>): a name a model folder cannot hold is refused
+        check_adapter_name(new_name, "new adapter name")
+    except CheckpointError as e:
+        raise AdapterError(str(e)) from None
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise AdapterError(f"rank must be an integer >= 1, got {rank!r}")
     if combination in _NEEDS_DENSITY:
