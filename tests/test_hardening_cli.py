@@ -62,3 +62,19 @@ def test_1_combine_adapters_refuses_such_a_name_too(tmp_path: Path) -> None:
     model, _ = load_model(two_adapter_folder(tmp_path / "m"))
     with pytest.raises(AdapterError, match="without dots, spaces or slashes"):
         combine_adapters(model, ["default", "two"], [1.0, 1.0], "a/b")
+
+
+# ------------------------------------------------------------------ 2. the infer summary of a schema-valid config
+
+
+@needs_mnist
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c["adapters"]["default"].pop("lora_alpha"), "(adapter 'default', rank=4, alpha=16)"),  # the default
+    (lambda c: c.__setitem__("active_adapter", None), "(adapter 'default', rank=4, alpha=16)"),  # the first one
+])
+def test_2_infer_summarises_a_config_with_defaults_left_out(tmp_path: Path, capsys, small_test_split, change, needle) -> None:
+    folder = model_folder(tmp_path / "m")
+    rewrite_config(folder, change)
+    code, out, err = cli_main(capsys, "infer", "--model-dir", str(folder), "--samples", "2")
+    assert code == 0, err
+    assert f"Loaded LoRA model from {folder} {needle}" in out
