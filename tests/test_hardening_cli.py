@@ -78,3 +78,75 @@ def test_2_infer_summarises_a_config_with_defaults_left_out(tmp_path: Path, caps
     code, out, err = cli_main(capsys, "infer", "--model-dir", str(folder), "--samples", "2")
     assert code == 0, err
     assert f"Loaded LoRA model from {folder} {needle}" in out
+
+
+# ------------------------------------------------------------------ 3. data files: unreadable, empty
+
+
+def _idx(magic_dims: tuple[int, ...], payload: bytes = b"") -> bytes:
+    """An unsigned-byte IDX file: magic 0x000008NN, the dims, the payload."""
+    return bytes([0, 0, 8, len(magic_dims)]) + b"".join(d.to_bytes(4, "big") for d in magic_dims) + payload
+
+
+@needs_mnist
+def test_3_infer_with_an_unreadable_canonical_file_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The checksum of a canonical file is read before the file is decoded: a file it cannot open is one line.
+    (chmod 000 does not stop root, so the read is made to fail as it would for another user.)"""
+    from minitorch_peft.data import clear_cache, datasets
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # no remembered checksum: the file is hashed
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    for name in datasets.SPLITS["test"]:
+        shutil.copy(DATA / "mnist" / name, tmp_path / "data" / "mnist" / name)
+
+    def denied(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(datasets, "_sha256", denied)
+    clear_cache()
+    folder = model_folder(tmp_path / "m")
+    result = cli_main(capsys, "infer", "--model-dir", str(folder), "--data-dir", str(tmp_path / "data"))
+    assert_one_line_error(result, "cannot read", "t10k-", "Permission denied")
+
+
+def test_3_infer_with_an_os_error_on_the_data_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Any OS error naming a path while the data is loaded (here: on reading a folder) is the user's, as in train."""
+    import minitorch_peft.data as data
+
+    def failing(*args, **kwargs):
+        raise IsADirectoryError(21, "Is a directory", str(tmp_path / "data"))
+
+    monkeypatch.setattr(data, "load_mnist_like", failing)
+    folder = model_folder(tmp_path / "m")
+    assert_one_line_error(cli_main(capsys, "infer", "--model-dir", str(folder)), str(tmp_path / "data"), "Is a directory")
+
+
+def _empty_splits(root: Path) -> Path:
+    from minitorch_peft.data import datasets
+
+    (root / "mnist").mkdir(parents=True)
+    for split in ("train", "test"):
+        images, labels = datasets.SPLITS[split]
+        (root / "mnist" / images.removesuffix(".gz")).write_bytes(_idx((0, 28, 28)))
+        (root / "mnist" / labels.removesuffix(".gz")).write_bytes(_idx((0,)))
+    return root
+
+
+def test_3_an_empty_split_is_a_data_error(tmp_path: Path) -> None:
+    from minitorch_peft.data import DataError, clear_cache, load_mnist_like
+
+    clear_cache()
+    with pytest.raises(DataError, match="declares 0 images, an empty split"):
+        load_mnist_like("mnist", "test", _empty_splits(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("command", ["infer", "train"])
+def test_3_an_empty_split_is_one_line_in_infer_and_train(tmp_path: Path, capsys, command: str) -> None:
+    from minitorch_peft.data import clear_cache
+
+    clear_cache()
+    data = _empty_splits(tmp_path / "data")
+    args = (["infer", "--model-dir", str(model_folder(tmp_path / "m"))] if command == "infer"
+            else ["train", *TINY, "--output", str(tmp_path / "out")])
+    assert_one_line_error(cli_main(capsys, *args, "--data-dir", str(data)), "declares 0 images, an empty split")
+    assert not (tmp_path / "out").exists()

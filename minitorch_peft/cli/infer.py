@@ -39,7 +39,8 @@ def infer(model_dir: str, samples: int, backend: str, dataset: str, data_dir: st
         click.echo(f"Loaded {kind} model from {model_dir} (adapter {active!r}, rank={c.r}, alpha={c.lora_alpha:g})")
     else:
         click.echo(f"Loaded model from {model_dir} (no adapters)")
-    x_test, y_test = load_mnist_like(dataset, "test", data_dir)
+    with user_paths():  # as in train: an OS error on a data file the user pointed at is the user's to fix
+        x_test, y_test = load_mnist_like(dataset, "test", data_dir)
     n = min(samples, len(y_test))
     click.echo(f"\nRunning inference on {n} test samples...\n")
     preds = predict(model, be.asarray(x_test[:n]))
