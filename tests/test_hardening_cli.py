@@ -150,3 +150,37 @@ def test_3_an_empty_split_is_one_line_in_infer_and_train(tmp_path: Path, capsys,
             else ["train", *TINY, "--output", str(tmp_path / "out")])
     assert_one_line_error(cli_main(capsys, *args, "--data-dir", str(data)), "declares 0 images, an empty split")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ 4. bench --baseline checked when read
+
+
+@pytest.mark.parametrize("baseline,needle", [
+    ({"format": "minitorch_peft-bench"}, "'models' must map each benchmarked model to its results"),
+    ({"format": "minitorch_peft-bench", "models": {"small": []}}, "'models' must map"),
+    ({"format": "minitorch_peft-bench", "models": {"small": {}}, "compare": {"torch": []}}, "'compare.torch' must be an object"),
+    ({"format": "minitorch_peft-bench", "models": {"small": {}}, "epoch": "x"}, "'epoch' must be an object"),
+    ({"format": "minitorch_peft-bench", "models": {"small": {}},
+      "compare": {"torch": {"models": {"small": {"ratio": {"train_step_ms": {"lora": "fast"}}}}}}},
+     "[small] LoRA step / PyTorch LoRA step: the ratio must be a positive number, got 'fast'"),
+])
+def test_4_bench_baseline_without_its_sections_is_refused_before_the_run(tmp_path: Path, capsys, monkeypatch,
+                                                                        baseline: dict, needle: str) -> None:
+    import minitorch_peft.bench as bench_pkg
+
+    monkeypatch.setattr(bench_pkg, "run", lambda cfg, log=print: pytest.fail("the bench ran before the baseline was checked"))
+    path = tmp_path / "quiet.json"
+    path.write_text(json.dumps(baseline))
+    result = cli_main(capsys, "bench", "--load", "1", "--baseline", str(path))
+    assert_one_line_error(result, f"--baseline {path}: ", needle)
+
+
+def test_4_a_real_baseline_is_still_accepted() -> None:
+    from minitorch_peft.bench import report
+
+    quiet = {"format": "minitorch_peft-bench", "config": {"load": 0}, "compare": {"torch": {"skipped": "no PyTorch"}},
+             "models": {"small": {"ratios": {}}, "medium": {"ratios": {}}}}
+    assert report.baseline_problem(quiet) is None
+    quiet["compare"] = {"torch": {"models": {"small": {"ratio": {"train_step_ms": {"lora": 0.5, "full": 0.6}}}}}}
+    assert report.baseline_problem(quiet) is None
+    assert report.quiet_ratios(quiet)[("small", "LoRA step / PyTorch LoRA step")] == 0.5
