@@ -184,3 +184,14 @@ def test_4_a_real_baseline_is_still_accepted() -> None:
     quiet["compare"] = {"torch": {"models": {"small": {"ratio": {"train_step_ms": {"lora": 0.5, "full": 0.6}}}}}}
     assert report.baseline_problem(quiet) is None
     assert report.quiet_ratios(quiet)[("small", "LoRA step / PyTorch LoRA step")] == 0.5
+
+
+# ------------------------------------------------------------------ 5. gradcheck tolerances
+
+
+@pytest.mark.parametrize("flag,value", [("--atol", "inf"), ("--atol", "nan"), ("--atol", "-1"), ("--rtol", "-1"),
+                                        ("--rtol", "inf")])
+def test_5_gradcheck_refuses_a_tolerance_that_decides_nothing(capsys, flag: str, value: str) -> None:
+    code, out, err = cli_main(capsys, "gradcheck", flag, value)
+    assert_one_line_error((code, out, err), f"{flag} must be a finite number >= 0, got {float(value):g}")
+    assert out == ""  # before any check ran

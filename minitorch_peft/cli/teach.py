@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -102,6 +103,10 @@ def gradcheck(atol: float, rtol: float) -> None:
     """Check every op and the Linear, LoRA, DoRA and 4-bit layers against float64 central differences."""
     from ..testing import gradcheck_report, standard_checks
 
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        # inf passes every check and nan or a negative one fails every check: neither says anything about the ops
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {value:g}")
     click.echo(f"float64 central differences; an element passes when |analytic - numeric| <= {atol:g} + {rtol:g} |numeric|;")
     click.echo("rel err = |analytic - numeric| / max(|numeric|, atol), the worst over every checked element")
     failed = []
