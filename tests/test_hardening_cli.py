@@ -195,3 +195,56 @@ def test_5_gradcheck_refuses_a_tolerance_that_decides_nothing(capsys, flag: str,
     code, out, err = cli_main(capsys, "gradcheck", flag, value)
     assert_one_line_error((code, out, err), f"{flag} must be a finite number >= 0, got {float(value):g}")
     assert out == ""  # before any check ran
+
+
+# ------------------------------------------------------------------ 6. --json / --plot destinations checked first
+
+
+def test_6_json_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    folder = model_folder(tmp_path / "m")
+    given = str(folder / "config.json" / "x.json")
+    code, out, err = cli_main(capsys, "infer", "--model-dir", str(folder), "--json", given)
+    assert_one_line_error((code, out, err), f"--json {given}: ", "config.json is a file, not a folder")
+    assert out == ""  # no banner: nothing was loaded or scored
+
+
+@pytest.mark.parametrize("command", ["train", "merge"])
+def test_6_json_in_an_unwritable_place_is_refused_before_the_model_is_saved(tmp_path: Path, capsys, command: str) -> None:
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (a place nobody can create files in, even root)")
+    args = (["train", *TINY] if command == "train"
+            else ["merge", "--model-dir", str(model_folder(tmp_path / "m", dims=(4, 3, 2))), "--unload"])
+    code, out, err = cli_main(capsys, *args, "--output", str(tmp_path / "out"), "--json", "/proc/no-such.json")
+    line = assert_one_line_error((code, out, err), "--json /proc/no-such.json: cannot write in /proc")
+    assert ".tmp" not in line and out == "" and not (tmp_path / "out").exists()
+
+
+def test_6_json_in_a_missing_folder_is_still_created(tmp_path: Path, capsys) -> None:
+    """As for --output, missing folders on the way are made (the behaviour before this check, kept)."""
+    folder = model_folder(tmp_path / "m", dims=(4, 3, 2))
+    code, out, err = cli_main(capsys, "merge", "--model-dir", str(folder), "--unload", "--output", str(tmp_path / "out"),
+                              "--json", str(tmp_path / "new" / "deeper" / "r.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "new" / "deeper" / "r.json").read_text())["output"] == str(tmp_path / "out")
+
+
+def test_6_a_late_json_failure_names_the_given_path_not_a_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    from minitorch_peft.cli.app import UserError, write_json
+
+    def replace_fails(src, dst):
+        raise PermissionError(13, "Permission denied", src, dst)
+
+    monkeypatch.setattr("os.replace", replace_fails)
+    with pytest.raises(UserError) as e:
+        write_json(str(tmp_path / "m.json"), {"a": 1})
+    assert str(e.value) == f"--json {tmp_path / 'm.json'}: cannot write it (Permission denied)"
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+
+
+def test_6_bench_plot_destination_is_checked_before_the_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    import minitorch_peft.bench as bench_pkg
+
+    monkeypatch.setattr(bench_pkg, "run", lambda cfg, log=print: pytest.fail("the bench ran"))
+    (tmp_path / "afile").write_text("x")
+    given = str(tmp_path / "afile" / "b.png")
+    assert_one_line_error(cli_main(capsys, "bench", "--plot", given), f"--plot {given}: ", "is a file, not a folder")

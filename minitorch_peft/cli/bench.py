@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, write_json
+from .app import BACKEND, DATA_DIR, JSON, UserError, cli, destination, split, user_paths, write_json
 
 
 @cli.command()
@@ -30,7 +30,7 @@ from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, wri
               help="A quiet run's --json: with --load, each ours/PyTorch ratio is held against its quiet value.")
 @click.option("--check", is_flag=True, default=False,
               help="Exit with status 1 if any measured target is missed (under --load: any load criterion).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, callback=destination("--plot"),
               help="Write bar charts to this PNG (needs matplotlib: pip install 'minitorch_peft[plot]').")
 @JSON
 @click.option("--distributed", is_flag=True, default=False,
