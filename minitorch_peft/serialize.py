@@ -165,6 +165,11 @@ def load_npz(path: str | Path, finite: bool = False, max_bytes: int | None = Non
     return arrays
 
 
+def save_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: the file holds the old bytes or the new ones, never a part."""
+    _atomic_write(Path(path), lambda f: f.write(data), ".tmp")
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"

@@ -248,3 +248,62 @@ def test_6_bench_plot_destination_is_checked_before_the_run(tmp_path: Path, caps
     (tmp_path / "afile").write_text("x")
     given = str(tmp_path / "afile" / "b.png")
     assert_one_line_error(cli_main(capsys, "bench", "--plot", given), f"--plot {given}: ", "is a file, not a folder")
+
+
+# ------------------------------------------------------------------ 7. graph: an honest status, no file lost
+
+
+@pytest.fixture
+def no_dot(monkeypatch) -> None:
+    """Neither the graphviz package nor Graphviz's `dot` program."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_graphviz(name, *args, **kwargs):
+        if name == "graphviz":
+            raise ImportError("no graphviz here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_graphviz)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+
+
+def test_7_graph_without_dot_fails_and_replaces_only_its_own_dot_file_atomically(tmp_path: Path, capsys, no_dot,
+                                                                                monkeypatch) -> None:
+    from minitorch_peft import serialize
+
+    svg, dot = tmp_path / "g.svg", tmp_path / "g.dot"
+    first = assert_one_line_error(cli_main(capsys, "graph", "--batch-size", "2", "--output", str(svg)),
+                                  "`dot` program was not found, so it was not drawn", f"the DOT source is in {dot}")
+    written = dot.read_text()
+    assert written.startswith("digraph step {") and not svg.exists()
+    # the .dot it wrote is its own: a second run may replace it, and does so atomically
+    monkeypatch.setattr(serialize, "fault_hook", lambda label: label.startswith("wrote") and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli_main(capsys, "graph", "--batch-size", "2", "--method", "full", "--output", str(svg))
+    assert dot.read_text() == written and sorted(p.name for p in tmp_path.iterdir()) == ["g.dot"]
+    monkeypatch.setattr(serialize, "fault_hook", None)
+    assert assert_one_line_error(cli_main(capsys, "graph", "--batch-size", "2", "--output", str(svg))) == first
+
+
+def test_7_graph_does_not_replace_a_dot_file_it_did_not_write(tmp_path: Path, capsys, no_dot) -> None:
+    (tmp_path / "g.dot").write_text("digraph mine { a -> b }\n")
+    code, out, err = cli_main(capsys, "graph", "--batch-size", "2", "--output", str(tmp_path / "g.png"))
+    assert_one_line_error((code, out, err), f"its DOT source goes to {tmp_path / 'g.dot'}", "refusing to replace it")
+    assert (tmp_path / "g.dot").read_text() == "digraph mine { a -> b }\n" and out == ""
+
+
+def test_7_a_failing_dot_is_one_line(tmp_path: Path, capsys, no_dot, monkeypatch) -> None:
+    import subprocess
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/dot")
+
+    def failing(cmd, **kwargs):
+        raise subprocess.CalledProcessError(1, cmd, output=b"", stderr=b"Error: <stdin>: syntax error in line 3\n")
+
+    monkeypatch.setattr(subprocess, "run", failing)
+    result = cli_main(capsys, "graph", "--batch-size", "2", "--output", str(tmp_path / "g.svg"))
+    assert_one_line_error(result, "`dot` failed (exit status 1: Error: <stdin>: syntax error in line 3)",
+                          f"the DOT source is in {tmp_path / 'g.dot'}")
+    assert not (tmp_path / "g.svg").exists()
