@@ -307,3 +307,13 @@ def test_7_a_failing_dot_is_one_line(tmp_path: Path, capsys, no_dot, monkeypatch
     assert_one_line_error(result, "`dot` failed (exit status 1: Error: <stdin>: syntax error in line 3)",
                           f"the DOT source is in {tmp_path / 'g.dot'}")
     assert not (tmp_path / "g.svg").exists()
+
+
+# ------------------------------------------------------------------ 8. a batch size with a ceiling
+
+
+@pytest.mark.parametrize("command", ["trace", "graph"])
+def test_8_a_huge_batch_is_one_line_before_allocating(capsys, command: str) -> None:
+    code, out, err = cli_main(capsys, command, "--batch-size", "100000000")
+    assert_one_line_error((code, out, err), "--batch-size", "100000000 is not in the range 1<=x<=60000")
+    assert out == ""
