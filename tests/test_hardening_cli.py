@@ -317,3 +317,62 @@ def test_8_a_huge_batch_is_one_line_before_allocating(capsys, command: str) -> N
     code, out, err = cli_main(capsys, command, "--batch-size", "100000000")
     assert_one_line_error((code, out, err), "--batch-size", "100000000 is not in the range 1<=x<=60000")
     assert out == ""
+
+
+# ------------------------------------------------------------------ 9. minor: overflow, folders, unreadable files
+
+
+@pytest.mark.parametrize("combination", ["svd", "cat"])
+def test_9_merge_weights_that_overflow_are_one_line_without_a_warning(tmp_path: Path, capsys, combination: str) -> None:
+    import warnings
+
+    folder = two_adapter_folder(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an overflow warning would now raise, not print
+        result = cli_main(capsys, "merge", "--model-dir", str(folder), "--adapters", "default,two", "--weights",
+                          "1e308,1e308", "--combination", combination, "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, "with weights 1e+308, 1e+308 overflows in module", "use smaller weights")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "base.npz"])
+def test_9_a_folder_in_place_of_a_model_file_says_so(tmp_path: Path, capsys, name: str) -> None:
+    folder = model_folder(tmp_path / "m", adapters=False, dims=(4, 3, 2))
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    line = assert_one_line_error(cli_main(capsys, "infer", "--model-dir", str(folder)),
+                                 f"{folder / name}: is a directory, not a file")
+    assert "not found" not in line
+
+
+def test_9_an_unreadable_base_npz_says_it_cannot_be_read(tmp_path: Path, capsys, monkeypatch) -> None:
+    """(chmod 000 does not stop root, so opening the file is made to fail as it would for another user.)"""
+    import builtins
+    import io
+
+    folder = model_folder(tmp_path / "m", adapters=False, dims=(4, 3, 2))
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if str(file).endswith("base.npz"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)  # what zipfile calls
+    line = assert_one_line_error(cli_main(capsys, "infer", "--model-dir", str(folder)),
+                                 f"{folder / 'base.npz'}: cannot read it (Permission denied)")
+    assert "corrupted" not in line
+
+
+def test_9_an_unreadable_config_json_is_a_checkpoint_error(tmp_path: Path, monkeypatch) -> None:
+    from minitorch_peft.serialize import CheckpointError, load_json
+
+    (tmp_path / "c.json").write_text("{}")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(CheckpointError, match=r"c.json: cannot read it \(Permission denied\)"):
+        load_json(tmp_path / "c.json")
