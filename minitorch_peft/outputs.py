@@ -106,3 +106,26 @@ def check_output(path: str | os.PathLike[str], flag: str = "--output", kind: Kin
     except OSError as e:
         raise OutputError(f"{where}: cannot write in {parent} ({e.strerror or e})") from None
     return path
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """Refuse a file destination (``--json``, ``--plot``) that cannot be written, in one line naming ``flag`` and
+    the path as given; returns the path. Called before any work, so a misspelt or read-only place costs nothing.
+
+    An existing file is replaced (it is the user's to name); missing folders on the way are created by the save,
+    as they are for ``--output``, so the place probed is the nearest folder that exists.
+    """
+    path = Path(path)
+    where = f"{flag} {path}"
+    if path.is_dir():
+        raise OutputError(f"{where}: is a folder, not a file")
+    parent = _nearest_existing(path.absolute().parent)
+    if not parent.is_dir():
+        raise OutputError(f"{where}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{where}: cannot write in {parent} ({e.strerror or e})") from None
+    return path

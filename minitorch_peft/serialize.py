@@ -75,6 +75,14 @@ _MAX_DEFLATE_RATIO = 1100
 _ARRAY_KINDS = "biuf"  # bool, integers, floats: every array a checkpoint holds
 
 
+def _existing_file(path: str | Path) -> Path:
+    """``path`` as a Path; a CheckpointError saying which when it is missing or not a file (a folder, say)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'file not found'}")
+    return path
+
+
 def npz_headers(path: str | Path, max_bytes: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of every array of an ``.npz``, read from the member headers only.
 
@@ -82,14 +90,16 @@ def npz_headers(path: str | Path, max_bytes: int | None = None) -> dict[str, tup
     whose declared size is exactly the bytes the archive holds for it (a lying header cannot make the
     reader allocate more than the file really contains), and that the total stays under ``max_bytes``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+    path = _existing_file(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:  # no permission, say: the file may be fine, so not "truncated or corrupted"
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
     total = 0
     try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as zf:
+        with fh, zipfile.ZipFile(fh) as zf:
+            size = os.fstat(fh.fileno()).st_size
             infos = zf.infolist()
             if len(infos) > MAX_NPZ_MEMBERS:
                 raise ValueError(f"{len(infos)} members, more than {MAX_NPZ_MEMBERS}")
@@ -165,6 +175,11 @@ def load_npz(path: str | Path, finite: bool = False, max_bytes: int | None = Non
     return arrays
 
 
+def save_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: the file holds the old bytes or the new ones, never a part."""
+    _atomic_write(Path(path), lambda f: f.write(data), ".tmp")
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
@@ -193,9 +208,7 @@ def load_json(path: str | Path, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
     NaN and Infinity literals (Python's json accepts them) are refused: no setting of ours is meant to be one.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+    path = _existing_file(path)
     if path.stat().st_size > MAX_JSON_BYTES:
         raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, too large for a config (at most {MAX_JSON_BYTES:,})")
 
@@ -203,7 +216,11 @@ def load_json(path: str | Path, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise ValueError(f"{name} is not a valid JSON number")
 
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"), parse_constant=constant)
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=constant)
     except RecursionError:
         raise CheckpointError(f"{path}: nested more than {max_depth} levels deep") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError

@@ -3,12 +3,14 @@ saved ``--json`` file renders the same way."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, NamedTuple
 
 FORWARD_LABELS = {"full": "Full", "lora_unmerged": "LoRA (unmerged)", "lora_merged": "LoRA (merged)",
                   "dora": "DoRA", "qlora": "QLoRA (NF4+DQ)"}
 STEP_LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA (NF4+DQ)"}
+BENCH_FORMAT = "minitorch_peft-bench"  # the "format" of every bench --json file (what --baseline reads back)
 
 class Target(NamedTuple):
     """A speed target: the row it is shown as, its limit, and where its measured value lies.
@@ -286,13 +288,57 @@ def targets(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> list
                 out.append(_target("small", f"slowest round / median, ours epoch {method}", LOAD_WORST_ROUND,
                                    round(max(rounds) / med, 3), kind="load"))
         if baseline is not None:
-            quiet = {(t["model"], t["what"]): t["value"] for t in targets(baseline) if "PyTorch" in t["what"]}
+            quiet = quiet_ratios(baseline)
             for t in list(out):
                 q = quiet.get((t["model"], t["what"]))
                 if "PyTorch" in t["what"] and t["value"] is not None and q:
                     out.append(_target(t["model"], f"{t['what']}: under load / quiet ({q:.3f})", LOAD_RATIO_DRIFT,
                                        round(t["value"] / q, 4), kind="load"))
     return out
+
+
+def quiet_ratios(baseline: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """(model, what) -> the value of each ours / PyTorch target in a quiet run's results (``--baseline``).
+
+    Reads the same places ``targets`` reads, and only those: ``baseline_problem`` checks exactly them.
+    """
+    out: dict[tuple[str, str], Any] = {}
+    torch = baseline.get("compare", {}).get("torch", {}).get("models", {})
+    for name, m in baseline["models"].items():
+        here = {**m, "torch": torch.get(name, {})}
+        for t in TARGETS:
+            if "PyTorch" in t.what and (t.models is None or name in t.models):
+                out[(name, t.what)] = _dig(here, t.path)
+    e = baseline.get("epoch", {}).get("methods", {})
+    for t in EPOCH_TARGETS:
+        if "PyTorch" in t.what:
+            out[("small", t.what)] = _dig(e, t.path)
+    return out
+
+
+def baseline_problem(baseline: Any) -> str | None:
+    """Why ``baseline`` (a user's file, parsed) cannot serve as ``--baseline``, or None when it can.
+
+    Checked when the file is read, before the run: every section ``quiet_ratios`` reads is an object and every
+    ratio it finds a positive finite number (or absent), so nothing about the file can fail after the run.
+    """
+    if not isinstance(baseline, dict) or baseline.get("format") != BENCH_FORMAT:
+        return "not a bench --json file"
+    models = baseline.get("models")
+    if not isinstance(models, dict) or not models or not all(isinstance(m, dict) for m in models.values()):
+        return "'models' must map each benchmarked model to its results"
+    compare = baseline.get("compare", {})
+    torch = compare.get("torch", {}) if isinstance(compare, dict) else None
+    torch_models = torch.get("models", {}) if isinstance(torch, dict) else None
+    for where, section in (("compare", compare), ("compare.torch", torch), ("compare.torch.models", torch_models),
+                           ("epoch", baseline.get("epoch", {}))):
+        if not isinstance(section, dict):
+            return f"'{where}' must be an object"
+    for (model, what), value in quiet_ratios(baseline).items():
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            return f"[{model}] {what}: the ratio must be a positive number, got {value!r}"
+    return None
 
 
 def _dig(tree: Any, path: tuple[str, ...]) -> float | None:

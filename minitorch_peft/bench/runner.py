@@ -127,7 +127,7 @@ def _run(cfg: BenchConfig, backend: Any, ours: Any, theirs: Any | None, tmp: str
     hello = ours.call("hello")
     threads = hello["blas_policy"]["threads"] or 1
     results: dict[str, Any] = {
-        "format": "minitorch_peft-bench",
+        "format": report.BENCH_FORMAT,
         "version": 2,
         "config": {
             "backend": backend.name, "models": list(cfg.models), "batch_size": cfg.batch_size, "quick": cfg.quick,

@@ -9,6 +9,17 @@ import click
 from .app import JSON, UserError, apply_aliases, cli, floats, given, hidden_alias, output_folder, split, user_paths, warn, write_json
 
 
+def _check_name(name: str, flag: str) -> None:
+    """Refuse an adapter name that a saved model folder could not hold (``schema.check_adapter_name``)."""
+    from ..schema import check_adapter_name
+    from ..serialize import CheckpointError
+
+    try:
+        check_adapter_name(name, flag)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
 @cli.command()
 @click.option("--model-dir", required=True, type=click.Path(), help="A model folder with named adapters.")
 @click.option("--adapters", default=None, help="Comma-separated adapter names to combine.")
@@ -37,6 +48,8 @@ def merge(model_dir: str, adapters: str | None, weights: str | None, combination
         raise UserError(f"--density must be a finite number in (0, 1], got {density}")
     ctx = click.get_current_context()
     new_name = apply_aliases(ctx, {"new_name": new_name})["new_name"]
+    if split(adapters):  # the name becomes part of the saved array keys: one that could not be loaded back is refused now
+        _check_name(new_name, "--adapter-name")
     ignored = []
     if combination not in ("ties", "dare_linear", "dare_ties") and given(ctx, "density"):
         ignored.append("--density (ties / dare_linear / dare_ties only)")
@@ -104,13 +117,8 @@ def import_peft(base: str | None, peft_dir: str, adapter_name: str, output: str)
     """Load a Hugging Face PEFT LoRA / DoRA adapter onto a base model folder and save the result."""
     from ..checkpoint import load_model, save_model
     from ..peft import load_peft
-    from ..schema import check_adapter_name
-    from ..serialize import CheckpointError
 
-    try:
-        check_adapter_name(adapter_name, "--adapter-name")
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    _check_name(adapter_name, "--adapter-name")
     output_folder(output)
     base = apply_aliases(click.get_current_context(), {"base": base})["base"]
     if base is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 from click.core import ParameterSource
@@ -29,12 +29,28 @@ def user_paths() -> Iterator[None]:
         raise UserError(f"{where}: {e.strerror or e}") from None
 
 
-def write_json(path: str | None, obj: dict[str, Any]) -> None:
+def write_json(path: str | None, obj: dict[str, Any], flag: str = "--json") -> None:
+    """Write ``obj`` to the ``--json`` file ``path`` (if given); a failure names that path, not the temporary file."""
     if path:
         from ..serialize import save_json
 
-        with user_paths():
+        try:
             save_json(path, obj)
+        except OSError as e:
+            raise UserError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None
+
+
+def destination(flag: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback checking a file destination (``outputs.check_output_file``) as the flags are read:
+    before any work, so a place that cannot be written fails in one line instead of after a long run."""
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value and not ctx.resilient_parsing:
+            from ..outputs import check_output_file
+
+            check_output_file(value, flag)
+        return value
+
+    return check
 
 
 def split(value: str | None) -> list[str]:
@@ -101,7 +117,8 @@ DATASET = click.option("--dataset", default="mnist", show_default=True, type=cli
                        help="Dataset to train or score on.")
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                         help="Folder holding mnist/ and fashion-mnist/ (else $MINITORCH_PEFT_DATA, else the cache).")
-JSON = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write metrics as JSON here.")
+JSON = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=destination("--json"),
+                    help="Write metrics as JSON here.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, write_json
+from .app import BACKEND, DATA_DIR, JSON, UserError, cli, destination, split, user_paths, write_json
 
 
 @cli.command()
@@ -30,7 +30,7 @@ from .app import BACKEND, DATA_DIR, JSON, UserError, cli, split, user_paths, wri
               help="A quiet run's --json: with --load, each ours/PyTorch ratio is held against its quiet value.")
 @click.option("--check", is_flag=True, default=False,
               help="Exit with status 1 if any measured target is missed (under --load: any load criterion).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, callback=destination("--plot"),
               help="Write bar charts to this PNG (needs matplotlib: pip install 'minitorch_peft[plot]').")
 @JSON
 @click.option("--distributed", is_flag=True, default=False,
@@ -40,7 +40,7 @@ def bench(json_path: str | None, plot_path: str | None, compare: str | None, che
           distributed: bool, **kwargs: Any) -> int:
     """LoRA / DoRA / QLoRA vs full fine-tuning: parameters, memory and speed, all measured."""
     from ..bench import BenchConfig, run
-    from ..bench.report import plot
+    from ..bench.report import baseline_problem, plot
 
     if distributed:
         from ..bench.distributed import run_distributed
@@ -61,8 +61,9 @@ def bench(json_path: str | None, plot_path: str | None, compare: str | None, che
 
         with user_paths():
             baseline = load_json(baseline_path)
-        if not isinstance(baseline, dict) or baseline.get("format") != "minitorch_peft-bench":
-            raise UserError(f"--baseline {baseline_path}: not a bench --json file")
+        problem = baseline_problem(baseline)  # now, not after the whole run has been measured
+        if problem:
+            raise UserError(f"--baseline {baseline_path}: {problem}")
     cfg = BenchConfig(compare=split(compare), baseline=baseline, **kwargs)
     cfg.validate()
     results = run(cfg, log=click.echo)

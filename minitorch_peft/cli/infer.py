@@ -20,6 +20,7 @@ def infer(model_dir: str, samples: int, backend: str, dataset: str, data_dir: st
     from ..backend import get_backend
     from ..checkpoint import load_model
     from ..data import load_mnist_like
+    from ..peft import LoraConfig
     from ..train import evaluate, predict
 
     be = get_backend(backend)
@@ -28,16 +29,18 @@ def infer(model_dir: str, samples: int, backend: str, dataset: str, data_dir: st
         model, config = load_model(model_dir, backend=be)
     adapters = config.get("adapters") or {}
     if adapters:
-        active = config.get("active_adapter")
-        c = adapters.get(active, {})
+        # the settings as load_model applied them: an absent field is its default, a null active adapter the first one
+        active = config.get("active_adapter") or next(iter(adapters))
+        c = LoraConfig.from_dict(adapters[active])
         quant = config.get("quantization")
-        kind = "DoRA" if c.get("use_dora") else "LoRA"
+        kind = "DoRA" if c.use_dora else "LoRA"
         if quant:
             kind = "Q" + kind + f" ({quant.get('quant_type')})"
-        click.echo(f"Loaded {kind} model from {model_dir} (adapter {active!r}, rank={c.get('r')}, alpha={c.get('lora_alpha'):g})")
+        click.echo(f"Loaded {kind} model from {model_dir} (adapter {active!r}, rank={c.r}, alpha={c.lora_alpha:g})")
     else:
         click.echo(f"Loaded model from {model_dir} (no adapters)")
-    x_test, y_test = load_mnist_like(dataset, "test", data_dir)
+    with user_paths():  # as in train: an OS error on a data file the user pointed at is the user's to fix
+        x_test, y_test = load_mnist_like(dataset, "test", data_dir)
     n = min(samples, len(y_test))
     click.echo(f"\nRunning inference on {n} test samples...\n")
     preds = predict(model, be.asarray(x_test[:n]))

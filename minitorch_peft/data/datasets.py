@@ -16,7 +16,7 @@ import numpy as np
 
 from . import download as _download
 from .errors import DataError
-from .idx import read_idx
+from .idx import _FIX, read_idx
 
 ENV_VAR = "MINITORCH_PEFT_DATA"
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
@@ -145,6 +145,8 @@ def decode_split(images_path: str | os.PathLike[str], labels_path: str | os.Path
         raise DataError(f"{labels_path}: expected a 1-D label file, got shape {labels.shape}")
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    if len(images) == 0:  # nothing to train on or to score: refused here, not as an error deep in the arithmetic
+        raise DataError(f"{images_path}: the header declares 0 images, an empty split; {_FIX}")
     if labels.size and int(labels.max()) >= NUM_CLASSES:
         raise DataError(f"{labels_path}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}")
     x = normalize(images.reshape(len(images), -1))
@@ -196,7 +198,10 @@ def verify_canonical(name: str, path: Path) -> None:
     stamps = _read_verified()
     if stamps.get(key) == [*stamp, sha]:
         return
-    got = _sha256(path)
+    try:
+        got = _sha256(path)
+    except OSError as e:  # an unreadable file (no permission, an I/O error) is the user's to fix, as in read_idx
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     if got != sha:
         raise DataError(
             f"{path}: SHA-256 {got} is not the canonical {name} {path.name} ({sha}): the file is damaged or "

@@ -326,6 +326,8 @@ def _check_peft_fields(raw: dict[str, Any], source: str) -> None:
         shown = ", ".join(f"{k}={raw[k]!r}" for k in unsupported)
         raise AdapterError(f"{source}: setting(s) not supported by this import: {shown}")
 
+    from ..schema import MAX_RANK
+
     def bad(key: str, want: str) -> AdapterError:
         return AdapterError(f"{source}: '{key}' must be {want}, got {raw[key]!r}")
 
@@ -335,8 +337,9 @@ def _check_peft_fields(raw: dict[str, Any], source: str) -> None:
     def is_pos(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
-    if "r" in raw and not (is_int(raw["r"]) and raw["r"] >= 1):
-        raise bad("r", "an integer >= 1")
+    # the ranks a saved model folder may hold (schema.MAX_RANK): a larger one would be imported, saved, then refused on load
+    if "r" in raw and not (is_int(raw["r"]) and 1 <= raw["r"] <= MAX_RANK):
+        raise bad("r", f"an integer from 1 to {MAX_RANK}")
     if "lora_alpha" in raw and not is_pos(raw["lora_alpha"]):
         raise bad("lora_alpha", "a finite number > 0")
     d = raw.get("lora_dropout", 0.0)
@@ -345,7 +348,7 @@ def _check_peft_fields(raw: dict[str, Any], source: str) -> None:
     for key in ("use_rslora", "use_dora", "inference_mode"):
         if key in raw and not isinstance(raw[key], bool):
             raise bad(key, "true or false")
-    for key, ok, want in (("rank_pattern", lambda v: is_int(v) and v >= 1, "integers >= 1"),
+    for key, ok, want in (("rank_pattern", lambda v: is_int(v) and 1 <= v <= MAX_RANK, f"integers from 1 to {MAX_RANK}"),
                           ("alpha_pattern", is_pos, "finite numbers > 0")):
         pattern = raw.get(key) or {}
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and ok(v) for k, v in pattern.items()):

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..nn.module import Module
+from ..schema import check_adapter_name
+from ..serialize import CheckpointError
 from .config import AdapterError, LoraConfig
 from .lora import LoRALinear
 from .model import add_adapter, list_adapters, lora_layers
@@ -119,6 +121,10 @@ def _check(model: Module, names: Sequence[str], weights: Sequence[float], new_na
             raise AdapterError(f"unknown adapter {n!r}; the model has: {', '.join(known) or 'none'}")
     if not new_name or new_name in known:
         raise AdapterError(f"new adapter name {new_name!r} is empty or already taken")
+    try:  # it becomes part of the saved array keys (fc1.lora_A.<name>): a name a model folder cannot hold is refused
+        check_adapter_name(new_name, "new adapter name")
+    except CheckpointError as e:
+        raise AdapterError(str(e)) from None
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise AdapterError(f"rank must be an integer >= 1, got {rank!r}")
     if combination in _NEEDS_DENSITY:
@@ -152,6 +158,14 @@ def _check(model: Module, names: Sequence[str], weights: Sequence[float], new_na
                     f"rank {rank} is larger than min(in, out) = {min(l.in_features, l.out_features)} of module {ln!r}"
                 )
     return chosen
+
+
+def _check_fits(module: str, values: np.ndarray, dtype: Any, names: Sequence[str], weights: Sequence[float]) -> None:
+    """Refuse a combination whose values are not finite in ``dtype`` (the adapter's): it would save as inf or NaN."""
+    limit = float(np.finfo(dtype).max)
+    if values.size and not (np.isfinite(values).all() and float(np.abs(values).max()) <= limit):
+        raise AdapterError(f"combining {', '.join(names)} with weights {', '.join(f'{w:g}' for w in weights)} overflows "
+                           f"in module {module!r} (values beyond {np.dtype(dtype).name}): use smaller weights")
 
 
 def combine_adapters(
@@ -190,19 +204,24 @@ def combine_adapters(
     for ln, layer in chosen:
         s_new = config.for_module(ln).scaling
         be = layer.weight.backend
-        if combination == "cat" and ranks[ln] == sum(layer.configs[n].r for n in names):
-            a = np.concatenate([np.asarray(be.to_numpy(layer.lora_A[n].data), dtype=np.float64) for n in names])
-            b = np.concatenate([
-                np.asarray(be.to_numpy(layer.lora_B[n].data), dtype=np.float64) * (w * layer.configs[n].scaling / s_new)
-                for n, w in zip(names, weights)
-            ], axis=1)
-        else:
-            deltas = [_delta(layer, n) for n in names]
-            if combination == "cat":  # the concatenation would exceed min(in, out): the exact sum, re-factored
-                delta = combine_deltas(deltas, weights, "linear")
+        # huge weights may overflow on the way: no RuntimeWarning, the result is checked below and refused by name
+        with np.errstate(over="ignore", invalid="ignore"):
+            if combination == "cat" and ranks[ln] == sum(layer.configs[n].r for n in names):
+                a = np.concatenate([np.asarray(be.to_numpy(layer.lora_A[n].data), dtype=np.float64) for n in names])
+                b = np.concatenate([
+                    np.asarray(be.to_numpy(layer.lora_B[n].data), dtype=np.float64) * (w * layer.configs[n].scaling / s_new)
+                    for n, w in zip(names, weights)
+                ], axis=1)
             else:
-                delta = combine_deltas(deltas, weights, combination, density if density is not None else 1.0, rng)
-            a, b = svd_factor(delta, ranks[ln], s_new)
+                deltas = [_delta(layer, n) for n in names]
+                if combination == "cat":  # the concatenation would exceed min(in, out): the exact sum, re-factored
+                    delta = combine_deltas(deltas, weights, "linear")
+                else:
+                    delta = combine_deltas(deltas, weights, combination, density if density is not None else 1.0, rng)
+                _check_fits(ln, delta, np.float64, names, weights)  # the SVD of a non-finite matrix fails obscurely
+                a, b = svd_factor(delta, ranks[ln], s_new)
+        for factor in (a, b):
+            _check_fits(ln, factor, layer.weight.dtype, names, weights)
         factors[ln] = (a, b)
     add_adapter(model, new_name, config)
     for ln, layer in chosen:
