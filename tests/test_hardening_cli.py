@@ -250,6 +250,14 @@ def test_6_bench_plot_destination_is_checked_before_the_run(tmp_path: Path, caps
     assert_one_line_error(cli_main(capsys, "bench", "--plot", given), f"--plot {given}: ", "is a file, not a folder")
 
 
+def test_6_train_plot_destination_is_checked_before_any_work(tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("x")
+    given = str(tmp_path / "afile" / "c.png")
+    assert_one_line_error(cli_main(capsys, "train", "--plot", given, "--output", str(tmp_path / "m")),
+                          f"--plot {given}: ", "is a file, not a folder")
+    assert not (tmp_path / "m").exists()
+
+
 # ------------------------------------------------------------------ 7. graph: an honest status, no file lost
 
 

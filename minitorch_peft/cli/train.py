@@ -8,7 +8,7 @@ import click
 
 from ..errors import MinitorchPeftError
 from .app import (
-    BACKEND, DATA_DIR, DATASET, JSON, apply_aliases, cli, given, hidden_alias, split, user_paths, warn,
+    BACKEND, DATA_DIR, DATASET, JSON, apply_aliases, cli, destination, given, hidden_alias, split, user_paths, warn,
     write_json,
 )
 
@@ -78,7 +78,7 @@ def ignored_flags(ctx: click.Context, method: str) -> str | None:
                    "(--epochs is the total to reach; --output defaults to that folder).")
 @click.option("--save-every-epoch", is_flag=True, default=False,
               help="Save the model folder after every epoch (resumable), and OUTPUT-best at each new best test accuracy.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, callback=destination("--plot"),
               help="Write the loss per step and the accuracy per epoch to this PNG (needs matplotlib: "
                    "pip install 'minitorch_peft[plot]').")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
