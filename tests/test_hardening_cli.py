@@ -384,3 +384,21 @@ def test_9_an_unreadable_config_json_is_a_checkpoint_error(tmp_path: Path, monke
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(CheckpointError, match=r"c.json: cannot read it \(Permission denied\)"):
         load_json(tmp_path / "c.json")
+
+
+# ------------------------------------------------------------------ 10. flags that would do nothing, or too much
+
+
+@needs_mnist
+def test_10_distributed_flags_without_distributed_are_named_as_ignored(tmp_path: Path, capsys, small_test_split) -> None:
+    code, out, err = cli_main(capsys, "train", *TINY, "--dist-timeout", "3", "--log-all-ranks", "--output", str(tmp_path / "m"))
+    assert code == 0 and (tmp_path / "m" / "config.json").is_file()
+    assert err.strip().splitlines() == ["warning: --dist-timeout, --log-all-ranks only apply with --distributed; ignored"]
+
+
+@pytest.mark.parametrize("load", ["-1", "65", "100000"])
+def test_10_bench_load_is_bounded_before_any_process_starts(capsys, monkeypatch, load: str) -> None:
+    import minitorch_peft.bench as bench_pkg
+
+    monkeypatch.setattr(bench_pkg, "run", lambda cfg, log=print: pytest.fail("the bench ran"))
+    assert_one_line_error(cli_main(capsys, "bench", "--load", load), f"--load must be from 0 to 64, got {load}")

@@ -33,6 +33,9 @@ QUANT_SHAPES = ((4096, 4096), (2048, 784))
 Log = Callable[[str], None]
 
 
+#: The most competing processes ``--load`` starts.
+MAX_LOAD = 64
+
 @dataclass
 class BenchConfig:
     """The ``bench`` command's options."""
@@ -63,8 +66,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.load < 0:
-            raise ConfigError(f"--load must be >= 0, got {self.load}")
+        if not 0 <= self.load <= MAX_LOAD:  # each is a process spinning a core: past a few per CPU it only thrashes
+            raise ConfigError(f"--load must be from 0 to {MAX_LOAD}, got {self.load}")
 
     def threads_for(self, cpus: int) -> tuple[int | None, str]:
         """The BLAS / PyTorch thread count of both workers and where it came from.

@@ -122,6 +122,9 @@ def train(json_path: str | None, plot_path: str | None, threads: int | None, dis
         note = ignored_flags(ctx, cfg.method)
         if note and main_rank:
             warn(note)
+    unused = [_flag(n) for n in ("dist_timeout", "dist_transport", "log_all_ranks") if given(ctx, n)]
+    if unused and not distributed and main_rank:
+        warn(f"{', '.join(unused)} only apply with --distributed; ignored")
     world = start_world(distributed, dist_timeout, dist_transport, log_all_ranks)
     if main_rank:
         click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)
