@@ -3,7 +3,7 @@
 Every function here takes and returns plain arrays. This module holds only what differs per device: the
 gradient math of the fused LoRA / DoRA ops is written once, over the array module, in
 ``minitorch_peft.peft.fused``. ``kernels.gpu`` mirrors this module name for name; the contract both
-keep is ``KERNEL_CONTRACT`` in ``kernels/__init__.py``.
+keep is the ``Kernels`` protocol in ``kernels/__init__.py``.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def relu_backward(g: Any, y: Any) -> Any:
 # ------------------------------------------------------------------------------------ cross-entropy
 
 # One warp per row: max, sum of exp, softmax and the row's loss in one pass; rows beyond 32 classes
-# are strided over the lanes. A label outside [0, C) gives a NaN loss (the CPU kernel raises).
+# are strided over the lanes. A label outside [0, C) gives a NaN loss (the CPU kernel raises for a label
+# >= C; a negative one wraps around, as NumPy indexing does).
 _CE_SOURCE = r"""
 typedef %(T)s T;
 typedef %(I)s I;

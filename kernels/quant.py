@@ -433,8 +433,8 @@ def _bits_to_f32(bits):  # pragma: no cover - compiled
     return np.float32(math.ldexp(np.float64(m | 0x800000), e - 150))
 
 
-# The kernels index with uint64: a signed index costs Numba a negative-index fix-up per access,
-# which blocks vectorisation of these short per-block loops (about 3x slower).
+# _quantize4_kernel indexes with uint64: a signed index costs Numba a negative-index fix-up per access,
+# which blocks vectorisation of its short per-block loops (about 3x slower).
 
 
 @njit(cache=True, parallel=True, nogil=True)

@@ -320,8 +320,9 @@ def dequantize_absmax(state: QuantState):
 def dequantize_4bit(packed, state: QuantState, out=None, validate: bool = True, rows=None):
     """x_hat = code[q] * absmax_block on the GPU, float32 of ``state.shape`` (into ``out`` if given).
 
-    ``validate=False`` skips the checks of ``state`` and ``packed``, which wait for the GPU twice (for
-    a caller that dequantizes the same already-validated arrays every step). ``rows=(r0, r1)``: only
+    ``validate=False`` skips the checks of ``state`` and ``packed``, which wait for the GPU once (three times
+    with double quantization): for a caller that dequantizes the same already-validated arrays every step.
+    ``rows=(r0, r1)``: only
     those rows of a 2-D state (r0 * in on a block boundary), through the same kernel on that range's
     codes and its blocks' absmax.
     """

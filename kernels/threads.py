@@ -30,9 +30,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-# m*n*k below which one thread is used. OpenBLAS itself splits a product from 262,144 multiply-adds; the
-# rank-r adapter products and the 10-way head (at most ~2.1M for the medium model at batch 64) sit below
-# this, the 784 x 512 layers and larger above it.
+# m*n*k below which one thread is used (for the products of linear_forward / linear_backward: the adapters'
+# thin products are plain ``@`` and never ask). OpenBLAS itself splits a product from 262,144 multiply-adds;
+# the 10-way head (at most ~655k multiply-adds for the medium model at batch 64) sits below this, the
+# 784 x 512 layers and larger above it.
 SMALL_GEMM = 1 << 22
 # The budget of a product when nobody sets one: None is what the BLAS library starts with (every CPU, or
 # $OPENBLAS_NUM_THREADS). `python -m minitorch_peft.bench.thread_table` measures the alternatives.

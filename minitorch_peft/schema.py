@@ -25,7 +25,7 @@ ADAPTER_NAME = re.compile(r"^[^.\s/\\]{1,128}$")  # a key part of fc1.lora_A.<na
 
 
 def check_adapter_name(name: Any, what: str = "adapter name") -> str:
-    """An adapter name must be a non-empty word (letters, digits, _ and -): it becomes part of array keys."""
+    """An adapter name is 1 to 128 characters without dots, whitespace or slashes: it becomes part of array keys."""
     if not isinstance(name, str) or not ADAPTER_NAME.match(name):
         raise CheckpointError(f"{what} must be 1 to 128 characters without dots, spaces or slashes, got {name!r}")
     return name

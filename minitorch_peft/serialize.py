@@ -187,7 +187,7 @@ def save_json(path: str | Path, obj: Any) -> None:
 
 
 MAX_JSON_BYTES = 16 << 20  # a config is a few kilobytes; refuse to parse megabytes of anything
-MAX_JSON_DEPTH = 32  # the deepest real config nests 4 levels
+MAX_JSON_DEPTH = 32  # the deepest real config nests 6 levels (a resumable run's resume.optimizer.param_groups)
 
 
 def json_depth(obj: Any) -> int:

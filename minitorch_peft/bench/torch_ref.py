@@ -88,7 +88,7 @@ def load_spec(path: str) -> list[dict[str, Any]]:
 
 
 def build_model(ours: Module | list[dict[str, Any]], kind: str, device: str) -> tuple[Any, Any]:
-    """(PyTorch module, Adam or None) holding the same weights as ``ours`` (our model of variant ``kind``, or
+    """(PyTorch module, its Adam optimizer) holding the same weights as ``ours`` (our model of variant ``kind``, or
     its ``model_spec``)."""
     torch = import_torch()
     nn = torch.nn

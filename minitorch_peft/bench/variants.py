@@ -146,9 +146,9 @@ def grad_bytes(model: Module) -> int:
     return sum(int(p.grad.nbytes) for p in model.parameters() if p.grad is not None)
 
 
-def quantized_base_bytes(full: Module, double_quant: bool) -> int | None:
+def quantized_base_bytes(full: Module, double_quant: bool) -> int:
     """Bytes of the frozen base with every Linear weight in NF4 (block 64): packed codes plus the quant
-    state, plus the biases, which stay float32. None when the 4-bit kernels are not available."""
+    state, plus the biases, which stay float32."""
     total = 0
     for name, p in full.named_parameters():
         if name.endswith("weight"):

@@ -15,8 +15,9 @@ minus W0), each combination gives a new update per layer:
 - ``dare_ties``: DARE dropping, then the TIES sign election and disjoint mean.
 
 All but ``cat`` end in a truncated SVD, dW ~ U_r S_r V_r^T, stored as B = U_r S_r / s_new, A = V_r^T,
-to a rank (default: the largest input rank; for ``cat`` the sum). A layer where that rank exceeds
-min(in, out) gets rank min(in, out) there, which loses nothing (``cat`` then uses the SVD, still exact).
+to a rank (default: the largest input rank; for ``cat`` the sum). A layer where the default rank exceeds
+min(in, out) gets rank min(in, out) there, which loses nothing (``cat`` then uses the SVD, still exact);
+an explicit rank that large is refused.
 """
 
 from __future__ import annotations

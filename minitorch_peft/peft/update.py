@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 class LoRAUpdate:
     """LoRA (Hu et al., 2021): W' = W + s B A, with A (r x in), B (out x r) and s = alpha / r (or alpha / sqrt r).
 
-    A starts Kaiming-uniform (or N(0, 1/r)), B at zero, so a new adapter changes nothing.
+    A starts Kaiming-uniform (or normal with standard deviation 1/r, PEFT's "gaussian"), B at zero, so a new
+    adapter changes nothing.
     """
 
     label = ""  # what the layer's repr adds after r and alpha

@@ -130,7 +130,8 @@ class PackedWeight:
     def _dequantize(self, out: Any, rows: tuple[int, int] | None = None) -> Any:
         """W (or rows r0:r1 of it) into ``out`` (or a fresh array), in the compute dtype."""
         # validate=False: the arrays were checked when they were made, loaded or merged, and checking
-        # them again on every forward would cost a quarter of the dequantize (and two GPU waits on CuPy).
+        # them again on every forward would cost a quarter of the dequantize (and on CuPy a GPU wait per
+        # check: one, or three with double quantization).
         # serial=True: on a CPU, one thread (a parallel region costs more than it saves at chunk size,
         # and on a busy machine waits for a core); a device kernel ignores it
         w = self.backend.kernels.dequantize_4bit(self.packed, self.state, out, False, True, rows)
