@@ -49,6 +49,7 @@ def plot_training(metrics: dict[str, Any], path: str | Path) -> Path:
                  f"final test accuracy {100 * metrics['final_test_accuracy']:.2f}%")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as --json and --output do (outputs.check_output_file)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -405,7 +405,8 @@ def fit(cfg: TrainConfig, model: MLP, optimizer: Adam, data: Data, backend: Back
 
 
 class NonFiniteLoss(MinitorchPeftError, FloatingPointError):
-    """Training diverged: the loss became NaN or infinite; nothing is saved."""
+    """Training diverged: the loss became NaN or infinite; nothing more is saved (with ``--save-every-epoch``
+    the epochs saved before stay, and the message says where)."""
 
 
 class LossGuard:
@@ -515,6 +516,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
         if saved:  # else nothing was written: the plain interruption says so
             raise Interrupted(_saved_note(saved, output, best, cfg.epochs)) from None
         raise
+    except NonFiniteLoss as e:
+        if saved:  # "nothing was saved" would be untrue: say what the earlier epochs left (resuming would diverge again)
+            note = _saved_note(saved, output, best, cfg.epochs, hint=False)
+            raise NonFiniteLoss(str(e).replace("nothing was saved", f"nothing more was saved ({note})")) from None
+        raise
     metrics["loss_per_step"] = state.losses
     metrics["steps_per_epoch"] = num_batches(data.n_train, cfg.batch_size * world.size)
     if cfg.resume:
@@ -522,15 +528,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, world: Solo | Wo
     return metrics
 
 
-def _saved_note(saved: dict[Path, int], output: Path, best: Path, epochs: int) -> str:
-    """What an interrupted ``--save-every-epoch`` run left: the last epoch it saved, where, and how to go on."""
+def _saved_note(saved: dict[Path, int], output: Path, best: Path, epochs: int, hint: bool = True) -> str:
+    """What a stopped ``--save-every-epoch`` run left: the last epoch it saved, where, and (``hint``) how to go on."""
     last = saved[output]
     note = f"epoch {last} of {epochs} is saved in {output}"
     if saved.get(best) == last:
         note += f" and {best} (the best so far)"
     elif best in saved:
         note += f"; the best so far, epoch {saved[best]}, in {best}"
-    return f"{note}; continue with --resume {output} --epochs {epochs}" if last < epochs else note
+    return f"{note}; continue with --resume {output} --epochs {epochs}" if hint and last < epochs else note
 
 
 def report(cfg: TrainConfig, backend: Backend, counts: dict[str, int], accuracies: list[float], train_time: float,

@@ -176,6 +176,13 @@ def test_parse_general_ndim() -> None:
     assert parse_idx(idx_bytes(np.array([3, 1, 4]))).tolist() == [3, 1, 4]
 
 
+def test_an_uncompressed_header_past_the_cap_is_refused_like_a_gzipped_one() -> None:
+    """The bound the readers of training data rely on (MAX_IDX_BYTES) holds for a raw IDX file too."""
+    lying = struct.pack(">4B2I", 0, 0, 0x08, 2, 1 << 16, 1 << 16) + b"\0" * 16  # 4 GiB declared, 16 bytes held
+    with pytest.raises(DataError, match="more than 1,073,741,824"):
+        parse_idx(lying, "lying")
+
+
 @pytest.mark.parametrize("cut", [1, 100])
 def test_truncated_payload(tmp_path: Path, cut: int) -> None:
     path = tmp_path / "short-idx3-ubyte"

@@ -393,7 +393,8 @@ def test_9_an_unreadable_config_json_is_a_checkpoint_error(tmp_path: Path, monke
 def test_10_distributed_flags_without_distributed_are_named_as_ignored(tmp_path: Path, capsys, small_test_split) -> None:
     code, out, err = cli_main(capsys, "train", *TINY, "--dist-timeout", "3", "--log-all-ranks", "--output", str(tmp_path / "m"))
     assert code == 0 and (tmp_path / "m" / "config.json").is_file()
-    assert err.strip().splitlines() == ["warning: --dist-timeout, --log-all-ranks only apply with --distributed; ignored"]
+    assert err.strip().splitlines() == [
+        "warning: --dist-timeout, --log-all-ranks only apply with --distributed (or under mpiexec); ignored"]
 
 
 @pytest.mark.parametrize("load", ["-1", "65", "100000"])

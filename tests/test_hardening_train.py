@@ -301,3 +301,27 @@ def test_6_the_cli_prints_what_train_says_was_saved(monkeypatch, capsys) -> None
     code, _, err = cli_main(capsys, "train", *TINY)
     assert code == 130 and [line for line in err.splitlines() if line.strip()] == ["interrupted: epoch 1 of 2 is saved in x"]
     assert issubclass(Interrupted, KeyboardInterrupt) and not issubclass(Interrupted, MinitorchPeftError)
+
+
+@needs_mnist
+def test_6_a_diverging_epoch_after_saved_ones_says_where_they_are(tmp_path: Path, capsys, monkeypatch,
+                                                                  small_test_split) -> None:
+    """A NaN loss in epoch 2 of a --save-every-epoch run: epoch 1 stays saved, and the line says so (not
+    "nothing was saved"), without a --resume hint, since resuming with the same settings would diverge again."""
+    import minitorch_peft.train as train
+
+    real, calls = train.train_epoch, []
+
+    def epoch(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise train.NonFiniteLoss("training stopped: the loss became nan at epoch 2, step 1 of 4; "
+                                      "likely cause: ...; nothing was saved")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", epoch)
+    sv = tmp_path / "sv"
+    line = assert_one_line_error(
+        cli_main(capsys, "train", *TINY, "--epochs", "3", "--save-every-epoch", "--output", str(sv)),
+        f"nothing more was saved (epoch 1 of 3 is saved in {sv} and {sv}-best (the best so far))")
+    assert "--resume" not in line and json.loads((sv / "config.json").read_text())["resume"]["epoch"] == 1

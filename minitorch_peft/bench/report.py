@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Any, NamedTuple
 
 FORWARD_LABELS = {"full": "Full", "lora_unmerged": "LoRA (unmerged)", "lora_merged": "LoRA (merged)",
@@ -164,7 +165,7 @@ def model_section(name: str, res: dict[str, Any]) -> list[str]:
         lines.append(f"      {STEP_LABELS[k] + ':':<19} {fmt_bytes(v) if v is not None else '(' + str(note) + ')':>11}")
     lines.append("    Frozen base in 4 bits (NF4, block 64; biases stay fp32):")
     if mem.get("base_nf4") is None:
-        lines.append("      (not available: kernels/quant.py missing)")
+        lines.append("      (not in these results)")  # a --json file written without them
     else:
         lines.append(f"      NF4:                {fmt_bytes(mem['base_nf4']):>11}  ({mem['base_nf4'] / mem['full_fp32']:.1%} of fp32)")
         lines.append(f"      NF4 + double quant: {fmt_bytes(mem['base_nf4_dq']):>11}  ({mem['base_nf4_dq'] / mem['full_fp32']:.1%} of fp32)")
@@ -432,5 +433,6 @@ def plot(res: dict[str, Any], path: str) -> None:
             ax.set_title(f"{name} {' → '.join(map(str, m['dims']))}: {title}")
             ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as --json and --output do (outputs.check_output_file)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -96,7 +96,7 @@ def ignored_flags(ctx: click.Context, method: str) -> str | None:
 def train(json_path: str | None, plot_path: str | None, threads: int | None, distributed: bool, dist_timeout: float, dist_transport: str,
           log_all_ranks: bool, **kwargs: Any) -> None:
     """Fine-tune the 784-512-256-10 MLP with a PEFT method, evaluate each epoch, save the model."""
-    from ..distributed import launched_rank, start_world
+    from ..distributed import launched_rank, launched_size, start_world
     from ..train import TrainConfig, resumed_config, train as run
 
     ctx = click.get_current_context()
@@ -123,8 +123,8 @@ def train(json_path: str | None, plot_path: str | None, threads: int | None, dis
         if note and main_rank:
             warn(note)
     unused = [_flag(n) for n in ("dist_timeout", "dist_transport", "log_all_ranks") if given(ctx, n)]
-    if unused and not distributed and main_rank:
-        warn(f"{', '.join(unused)} only apply with --distributed; ignored")
+    if unused and not distributed and launched_size() <= 1:  # under mpiexec -n N the world starts anyway
+        warn(f"{', '.join(unused)} only apply with --distributed (or under mpiexec); ignored")
     world = start_world(distributed, dist_timeout, dist_transport, log_all_ranks)
     if main_rank:
         click.echo("🔥 minitorch_peft MNIST example\n" + "=" * 40)

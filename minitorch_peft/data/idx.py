@@ -93,6 +93,8 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     dims = _dims(data, name)
     header = 4 + 4 * len(dims)
     need = math.prod(dims)  # Python int: no overflow on absurd headers
+    if need > MAX_IDX_BYTES:  # as for a gzipped file: the bound the readers of training data rely on
+        raise DataError(f"{name}: header declares dims {dims} = {need:,} bytes, more than {MAX_IDX_BYTES:,}; {_FIX}")
     have = len(data) - header
     if have != need:
         raise DataError(
