@@ -3,8 +3,8 @@
 A command writes only into a new folder, an empty one, or a folder that holds what this project wrote
 there before (a model folder recognised by its ``config.json``; for ``export-peft`` a PEFT adapter folder
 recognised by what ``save_peft`` writes). Any other existing folder is refused with one line: the save
-replaces the folder whole, so its files would be lost. The place is also probed for writability, so a
-read-only or misspelt path fails before a training run, not after it.
+replaces the folder whole, so its files would be lost; so is a write-protected one of ours. The place is
+also probed for writability, so a read-only or misspelt path fails before a training run, not after it.
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ def check_output(path: str | os.PathLike[str], flag: str = "--output", kind: Kin
                 what = "a minitorch_peft model" if kind == "model" else "a PEFT adapter exported by minitorch_peft"
                 raise OutputError(f"{where}: an existing folder that is not {what} ({why}); "
                                   "refusing to replace it: name a new or empty folder")
+            # the swap goes through the parent, so a write-protected folder would be replaced all the same:
+            # no write bit (or none for us) is taken as its owner's wish to keep it
+            if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:
+                raise OutputError(f"{where}: the folder is write-protected; refusing to replace it: "
+                                  "make it writable or name another folder")
         parent = path.resolve().parent  # the new version is written beside the old one
     else:
         parent = _nearest_existing(path.absolute())

@@ -403,3 +403,18 @@ def test_10_bench_load_is_bounded_before_any_process_starts(capsys, monkeypatch,
 
     monkeypatch.setattr(bench_pkg, "run", lambda cfg, log=print: pytest.fail("the bench ran"))
     assert_one_line_error(cli_main(capsys, "bench", "--load", load), f"--load must be from 0 to 64, got {load}")
+
+
+def test_10_a_write_protected_model_folder_is_not_replaced(tmp_path: Path, capsys) -> None:
+    """The save swaps names in the parent, so without this check a chmod 555 model folder was replaced (and
+    came back writable): a folder with no write bit is its owner's to keep."""
+    folder = model_folder(tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    folder.chmod(0o555)
+    try:
+        assert_one_line_error(cli_main(capsys, "train", *TINY, "--output", str(folder)),
+                              f"--output {folder}: the folder is write-protected; refusing to replace it")
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    finally:
+        folder.chmod(0o755)
+    model_folder(folder)  # writable again: replaced as before
