@@ -23,8 +23,8 @@ class Kernels(Protocol):
     ALLREDUCE_TRANSPORTS: tuple[str, ...]  # the all-reduce transports make_allreduce offers, preferred first
 
     # ---- linear layers: the big matmuls
-    def linear_forward(self, x: Any, w: Any, b: Any | None) -> Any:
-        """y = x W^T + b, for x (..., in), W (out, in), b (out,) or None."""
+    def linear_forward(self, x: Any, w: Any, b: Any | None, out: Any | None = None) -> Any:
+        """y = x W^T + b, for x (..., in), W (out, in), b (out,) or None; into ``out`` if given (C-contiguous)."""
 
     def linear_backward(self, g: Any, x: Any, w: Any, need_x: bool, need_w: bool,
                         need_b: bool) -> tuple[Any | None, Any | None, Any | None]:

@@ -42,9 +42,10 @@ def _reduction(name: str, in_params: str, out_params: str, map_expr: str, reduce
 # --------------------------------------------------------------------------------------------- linear
 
 
-def linear_forward(x: Any, w: Any, b: Any | None) -> Any:
-    """y = x @ w.T + b, for x of shape (..., in) and w of shape (out, in)."""
-    y = x @ w.T  # cuBLAS reads the transposed view as is: no copy of w
+def linear_forward(x: Any, w: Any, b: Any | None, out: Any | None = None) -> Any:
+    """y = x @ w.T + b, for x of shape (..., in) and w of shape (out, in); into ``out`` if given (C-contiguous,
+    of y's shape)."""
+    y = cupy.matmul(x, w.T, out=out)  # cuBLAS reads the transposed view as is: no copy of w
     if b is not None:
         y += b
     return y

@@ -58,9 +58,13 @@ def _flat(a: Any) -> Any:
     return xp.reshape(a, (-1, a.shape[-1]))
 
 
-def linear_forward(x: Any, w: Any, b: Any | None) -> Any:
+def linear_forward(x: Any, w: Any, b: Any | None, out: Any = None) -> Any:
     y = xp.matmul(x, _mT(w))
-    return y if b is None else y + b
+    y = y if b is None else y + b
+    if out is None:
+        return y
+    out[...] = y
+    return out
 
 
 def linear_backward(g: Any, x: Any, w: Any, need_x: bool, need_w: bool, need_b: bool) -> tuple[Any, Any, Any]:

