@@ -77,6 +77,16 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+def _probe_writable(parent: Path, where: str) -> None:
+    """OutputError (naming ``where``) unless a file can be created in ``parent``: tried, not guessed from modes."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{where}: cannot write in {parent} ({e.strerror or e})") from None
+
+
 def check_output(path: str | os.PathLike[str], flag: str = "--output", kind: Kind = "model") -> Path:
     """Refuse ``path`` unless it is new, empty, or holds a model (``kind="peft"``: an adapter export) of ours.
 
@@ -104,12 +114,7 @@ def check_output(path: str | os.PathLike[str], flag: str = "--output", kind: Kin
         parent = _nearest_existing(path.absolute())
         if not parent.is_dir():
             raise OutputError(f"{where}: {parent} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{where}: cannot write in {parent} ({e.strerror or e})") from None
+    _probe_writable(parent, where)
     return path
 
 
@@ -127,10 +132,5 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     parent = _nearest_existing(path.absolute().parent)
     if not parent.is_dir():
         raise OutputError(f"{where}: {parent} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{where}: cannot write in {parent} ({e.strerror or e})") from None
+    _probe_writable(parent, where)
     return path

@@ -174,3 +174,20 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             f"NOT COLLECTED {', '.join(sorted(set(_left_out)))}: {hypothesis_missing_reason()}"
         )
+
+
+@pytest.fixture
+def no_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither the graphviz package nor Graphviz's `dot` program (the `graph` command's two ways to draw)."""
+    import builtins
+    import shutil
+
+    real_import = builtins.__import__
+
+    def no_graphviz(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "graphviz":
+            raise ImportError("no graphviz here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_graphviz)
+    monkeypatch.setattr(shutil, "which", lambda name: None)

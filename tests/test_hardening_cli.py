@@ -261,22 +261,6 @@ def test_6_train_plot_destination_is_checked_before_any_work(tmp_path: Path, cap
 # ------------------------------------------------------------------ 7. graph: an honest status, no file lost
 
 
-@pytest.fixture
-def no_dot(monkeypatch) -> None:
-    """Neither the graphviz package nor Graphviz's `dot` program."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_graphviz(name, *args, **kwargs):
-        if name == "graphviz":
-            raise ImportError("no graphviz here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_graphviz)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-
-
 def test_7_graph_without_dot_fails_and_replaces_only_its_own_dot_file_atomically(tmp_path: Path, capsys, no_dot,
                                                                                 monkeypatch) -> None:
     from minitorch_peft import serialize

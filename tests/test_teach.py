@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import shutil
 
 import numpy as np
@@ -87,16 +86,7 @@ def test_cli_trace(capsys, method) -> None:
     assert "weight gradients skipped (frozen)" in out
 
 
-def test_cli_graph_writes_dot_and_fails_saying_how_to_render_when_dot_is_absent(capsys, tmp_path, monkeypatch) -> None:
-    real_import = builtins.__import__
-
-    def no_graphviz(name, *args, **kwargs):
-        if name == "graphviz":
-            raise ImportError("no graphviz here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_graphviz)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+def test_cli_graph_writes_dot_and_fails_saying_how_to_render_when_dot_is_absent(capsys, tmp_path, no_dot) -> None:
     result = cli_main(capsys, "graph", "--method", "lora", "--batch-size", "4", "--output", str(tmp_path / "step.svg"))
     # the picture asked for was not made: a failing status and one line saying where the DOT source is
     assert_one_line_error(result, "`dot` program was not found", f"dot -Tsvg {tmp_path / 'step.dot'}")

@@ -51,7 +51,7 @@ def graph(method: str, batch_size: int, output: str | None) -> None:
     loss = cross_entropy(model(x), labels)
     names = {n: p for n, p in model.named_parameters()}
     names.update(x=x, labels=labels)
-    if path is None or dot_path is None:
+    if dot_path is None:  # no --output: the graph as text
         click.echo(format_graph(loss, names))
         return
     source = to_dot(loss, names, title=f"one training step, --method {method} (green: trainable, grey dashed: frozen)")
